@@ -1,0 +1,88 @@
+"""Load Hugging Face models and configs for gemoe, from a local directory or a hub id.
+
+Nothing here reaches the network for a local directory; a hub id is fetched by transformers as usual
+(and not at all when ``HF_HUB_OFFLINE=1``). Weights load from safetensors only unless the caller allows
+pickle files explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gemoe_cli.errors import InvalidInputError, UnsupportedModelError
+
+_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel")
+
+
+def load_config(source: str, trust_remote_code: bool = False):
+    """Load a model's config from a directory or hub id, raising `InvalidInputError` when it is missing."""
+    from transformers import AutoConfig
+
+    path = Path(source)
+    if path.exists() and not (path / "config.json").is_file():
+        raise InvalidInputError(f"{source} has no config.json; pass a Hugging Face model directory or hub id.")
+    if not path.exists() and _looks_like_path(source):
+        raise InvalidInputError(f"model directory {source} not found; check the path.")
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InvalidInputError(f"cannot load the config of {source}: {first_line}") from error
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(os.path.sep)
+
+
+def model_class_for(config):
+    """Return the transformers auto class that builds this config's full model (causal LM first)."""
+    import transformers
+
+    for name in _AUTO_CLASSES:
+        auto_class = getattr(transformers, name)
+        if type(config) in auto_class._model_mapping:
+            return auto_class
+    raise UnsupportedModelError(
+        f"model type {config.model_type!r} has no causal-LM, image-text-to-text or base model class in transformers."
+    )
+
+
+def build_skeleton(config):
+    """Instantiate a model on the ``meta`` device: module structure without memory for weights."""
+    import torch
+
+    with torch.device("meta"):
+        return model_class_for(config).from_config(config)
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Load a model with weights, from safetensors only unless `allow_pickle` is set."""
+    config = load_config(source, trust_remote_code=trust_remote_code)
+    auto_class = model_class_for(config)
+    path = Path(source)
+    if path.is_dir() and not allow_pickle and not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise InvalidInputError(
+                f"{source} has only pickle (.bin/.pt) weights; convert them to safetensors, or pass "
+                "--allow-pickle if you trust the files."
+            )
+        raise InvalidInputError(f"{source} has no *.safetensors weights; check the directory.")
+    try:
+        model = auto_class.from_pretrained(
+            source,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except OSError as error:
+        raise InvalidInputError(f"cannot load the weights of {source}: {str(error).splitlines()[0]}") from error
+    return model.eval()

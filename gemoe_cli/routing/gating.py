@@ -1,0 +1,62 @@
+"""Gating distribution and gating entropy of a router.
+
+Legend for shape comments: T tokens, E experts, K experts selected by static top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Scoring = Literal["softmax", "sigmoid", "probabilities"]
+"""How a router's raw output becomes the gating distribution.
+
+- ``softmax``: the output is logits, ``p = softmax(logits)``.
+- ``sigmoid``: the output is logits of a sigmoid-scored router, ``p = sigmoid(logits) / sum(sigmoid(logits))``.
+- ``probabilities``: the router already returns ``softmax(logits)``.
+"""
+
+
+def gating_distribution(router_output: torch.Tensor, scoring: Scoring) -> torch.Tensor:
+    """Turn a router's raw output (T, E) into a distribution over all E experts, in float32.
+
+    A selection bias (score-correction bias) never enters the distribution. Rows with non-finite
+    input come out non-finite; callers detect them with `torch.isfinite`.
+    """
+    scores = router_output.float()  # (T, E)
+    if scoring == "softmax":
+        return torch.softmax(scores, dim=-1)
+    if scoring == "sigmoid":
+        sigmoid = torch.sigmoid(scores)
+        return sigmoid / sigmoid.sum(dim=-1, keepdim=True)
+    if scoring == "probabilities":
+        return scores
+    raise ValueError(f"unknown scoring {scoring!r}; expected softmax, sigmoid or probabilities")
+
+
+def gating_entropy(distribution: torch.Tensor) -> torch.Tensor:
+    """Return the entropy in nats of each row of a gating distribution (T, E) -> (T,).
+
+    Zero probabilities contribute 0 (the limit of p log p), so a one-hot row has entropy 0. NaN stays NaN.
+    """
+    log_p = torch.log(distribution.clamp_min(torch.finfo(distribution.dtype).tiny))
+    terms = torch.where(distribution == 0, torch.zeros_like(distribution), distribution * log_p)
+    return -terms.sum(dim=-1)
+
+
+def selection_scores(router_output: torch.Tensor, scoring: Scoring, bias: torch.Tensor | None) -> torch.Tensor:
+    """Return the scores the router ranks experts by (T, E).
+
+    A score-correction bias is added to the router's scores (sigmoid, or softmax probabilities as in
+    ERNIE 4.5); it only reorders experts and never enters the gating distribution. Without a bias,
+    softmax routers rank by logits, which orders experts like the probabilities without underflow ties.
+    """
+    scores = router_output.float()
+    if scoring == "sigmoid":
+        scores = torch.sigmoid(scores)
+    if bias is None:
+        return scores
+    if scoring == "softmax":
+        scores = torch.softmax(scores, dim=-1)
+    return scores + bias.float()

@@ -47,7 +47,9 @@ def inspect_command(
 def _print_description(description) -> None:
     console = Console()
     verdict = "[green]supported[/green]" if description.supported else f"[red]not supported[/red]: {description.reason}"
-    console.print(f"[bold]{description.source}[/bold]  model type {description.model_type}  family {description.family or '-'}")
+    console.print(
+        f"[bold]{description.source}[/bold]  model type {description.model_type}  family {description.family or '-'}"
+    )
     console.print(f"{verdict}")
     if description.note:
         console.print(f"note: {description.note}")
@@ -75,8 +77,14 @@ def _print_families(as_json: bool) -> None:
     rows = []
     for model_type in registered_model_types():
         adapter = adapter_for(model_type)
-        rows.append({"model_type": model_type, "family": adapter.name, "supported": adapter.unsupported is None,
-                     "reason": adapter.unsupported or ""})
+        rows.append(
+            {
+                "model_type": model_type,
+                "family": adapter.name,
+                "supported": adapter.unsupported is None,
+                "reason": adapter.unsupported or "",
+            }
+        )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

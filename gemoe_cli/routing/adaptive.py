@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MethodType
 
@@ -72,6 +73,8 @@ class AdaptiveLayer:
         self.scoring = moe.scoring
         self.thresholds = torch.tensor(list(thresholds), dtype=torch.float32)
         self.observers: list[Observer] = []
+        self.enabled = True
+        """With `False` the layer routes statically (observers still see every batch, with k = K)."""
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.reset_counters()
 
@@ -121,15 +124,21 @@ class AdaptiveLayer:
         nonfinite = ~torch.isfinite(scores).all(dim=-1)
         entropy = torch.where(nonfinite, torch.full_like(entropy, float("nan")), entropy)
         k = experts_per_token(entropy, self.thresholds, self.k_min, self.k_max)  # (T,)
+        if not self.enabled:
+            k = torch.full_like(k, top_k_index.size(-1))
 
         slot_scores = selection_scores(scores, self.scoring, bias).gather(-1, top_k_index.clamp(0, scores.size(-1) - 1))
         if self.observers:
             event = RoutingEvent(self.path, distribution, entropy, rank_slots(slot_scores), top_k_weights, k)
             for observer in self.observers:
                 observer(event)
+        if not self.enabled:
+            return top_k_index, top_k_weights
 
         self._count(k, nonfinite)
-        dropped = self.moe.num_experts if _skips_sentinel(self.moe.experts) else _best_slot_index(top_k_index, slot_scores)
+        dropped = (
+            self.moe.num_experts if _skips_sentinel(self.moe.experts) else _best_slot_index(top_k_index, slot_scores)
+        )
         return truncate_selection(top_k_index, top_k_weights, slot_scores, k, self.renormalize, dropped)
 
     def _selection_bias(self, args, kwargs) -> torch.Tensor | None:
@@ -174,7 +183,7 @@ def _split_experts_arguments(args, kwargs):
         new = (hidden_states, index, weights)
         new_args = tuple(new[:positional]) + tuple(args[3:])
         new_kwargs = dict(kwargs)
-        for name, value in zip(names[positional:], new[positional:]):
+        for name, value in zip(names[positional:], new[positional:], strict=True):
             new_kwargs[name] = value
         return new_args, new_kwargs
 
@@ -204,6 +213,23 @@ class AdaptiveRouting:
             active += counts.active_pairs
             static += layer.moe.top_k * counts.tokens
         return 1.0 - active / static if static else 0.0
+
+    @contextmanager
+    def static(self):
+        """Route statically inside the block (for a reference run), then restore the previous state."""
+        previous = {path: layer.enabled for path, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.enabled = False
+        try:
+            yield self
+        finally:
+            for path, layer in self.layers.items():
+                layer.enabled = previous[path]
+
+    def set_thresholds(self, thresholds: Mapping[str, Sequence[float]]) -> None:
+        """Replace the thresholds of the named layers."""
+        for path, values in thresholds.items():
+            self.layers[path].set_thresholds(values)
 
     def remove(self) -> None:
         while self._undo:

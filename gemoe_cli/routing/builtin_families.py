@@ -107,6 +107,7 @@ register(
         "dbrx",
         ("dbrx",),
         scoring="softmax",
+        logits_position=None,
         expert_forward=_dbrx_expert_forward,
         note="experts are not decorated; gemoe replaces their forward with its sparse dispatch",
     )
@@ -127,10 +128,14 @@ register(
 
 _UNSUPPORTED = {
     "switch_transformers": "it routes each token to a single expert (top-1), so there is no k to adapt",
-    "nllb_moe": "its top-2 router hard-codes the second expert's sampling and capacity, with no top-k selection",
-    "phimoe": "its sparsemixer router hard-codes two sequential top-1 picks, with no top-k selection",
-    "zaya": "its router returns a fixed (T, 1) expert choice with extra routing states, not a top-k selection",
-    "doge": "its router is a product-key top-k over experts inside the MLP, not a MoE block with experts",
+    "nllb-moe": "its top-2 router picks the second expert by a sampling policy under an expert capacity, "
+    "not by a top-k selection",
+    "phimoe": "its sparsemixer router derives each expert's multiplier from sequential masked picks, "
+    "so a shorter top-k prefix has no defined weights",
+    "zaya": "its router can pick a skip expert and feeds router states to the next layer, "
+    "so dropping experts would change what later routers see",
+    "doge": "its CDMoE layer routes by product keys inside the MLP, "
+    "with no experts module that takes a top-k selection",
 }
 
 for _type, _reason in _UNSUPPORTED.items():

@@ -96,7 +96,11 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
         if not isinstance(experts, torch.nn.Module):
             continue
         router = next(
-            (getattr(module, name) for name in adapter.router_names if isinstance(getattr(module, name, None), torch.nn.Module)),
+            (
+                getattr(module, name)
+                for name in adapter.router_names
+                if isinstance(getattr(module, name, None), torch.nn.Module)
+            ),
             None,
         )
         if router is None:

@@ -101,12 +101,15 @@ def sparse_experts_forward(
     """Compute ``sum_k w[t, k] * expert_{index[t, k]}(x[t])`` over active slots only (T, D) -> (T, D).
 
     Experts with ``_gemoe_input_scaled`` set take ``w * x`` as input instead of scaling their output (llama4).
+    Hidden states of shape (B, S, D), as DBRX passes them, come back in that shape.
     """
+    input_shape = hidden_states.shape
+    hidden_states = hidden_states.reshape(-1, input_shape[-1])
     num_experts = experts.num_experts
     expert_ids, token_ids, weights, tokens_per_expert = active_pairs(top_k_index, top_k_weights, num_experts)
     output = torch.zeros_like(hidden_states)  # (T, D)
     if expert_ids.numel() == 0:
-        return output
+        return output.view(input_shape)
 
     input_scaled = getattr(experts, "_gemoe_input_scaled", False)
     inputs = hidden_states[token_ids]  # (P, D)
@@ -120,7 +123,7 @@ def sparse_experts_forward(
 
     if not input_scaled:
         pair_outputs = pair_outputs * weights.unsqueeze(-1).to(pair_outputs.dtype)
-    return output.index_add_(0, token_ids, pair_outputs.to(output.dtype))
+    return output.index_add_(0, token_ids, pair_outputs.to(output.dtype)).view(input_shape)
 
 
 def _looped_pairs_forward(experts, inputs, tokens_per_expert):

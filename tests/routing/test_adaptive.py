@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from gemoe_cli.routing import attach_adaptive_routing, find_moe_blocks, gating_distribution, gating_entropy
-from gemoe_cli.routing import dispatch
+from gemoe_cli.routing import attach_adaptive_routing, dispatch, find_moe_blocks, gating_distribution, gating_entropy
 from tests import tiny_models
 
 
@@ -22,8 +21,10 @@ def _median_entropy_thresholds(model, ids):
     captured = {}
     handles = []
     for block in find_moe_blocks(model):
+
         def hook(module, args, output, path=block.path):
             captured[path] = gating_entropy(gating_distribution(output[0], "softmax"))
+
         handles.append(block.router.register_forward_hook(hook))
     with torch.no_grad():
         tiny_models.forward_logits(model, ids)

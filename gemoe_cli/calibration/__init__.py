@@ -1,0 +1,1 @@
+"""Calibration: data sources, gating-entropy statistics, threshold fitting and retention measurement."""

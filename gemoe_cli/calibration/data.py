@@ -1,0 +1,187 @@
+"""Calibration data: read text samples, tokenize, pack into fixed-length blocks, split fit / held-out.
+
+Sources, chosen with `--dataset`:
+- ``builtin`` (default): the calibration set shipped with gemoe (`data/builtin.jsonl`);
+- a ``.txt`` file (samples separated by blank lines) or a folder of them;
+- a ``.jsonl`` file with a ``text`` field or chat ``messages`` per line (rendered with the model's chat
+  template when it has one);
+- ``hf:NAME[:CONFIG][:SPLIT]`` through the optional `datasets` package (the only source that may reach
+  the network).
+
+Samples are tokenized, joined with the end-of-sequence token and cut into blocks of `seq_len` tokens.
+Blocks are shuffled with the seed and split deterministically; the held-out part is used only to
+measure retention.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from gemoe_cli.errors import InvalidInputError
+
+BUILTIN = "builtin"
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Token blocks for fitting and for held-out measurement, and where they came from."""
+
+    source: str
+    fit: torch.Tensor  # (N_fit, L)
+    heldout: torch.Tensor  # (N_heldout, L)
+    samples_read: int
+    tokens_available: int
+
+    def batches(self, part: str, batch_size: int) -> list[torch.Tensor]:
+        blocks = self.fit if part == "fit" else self.heldout
+        return [blocks[i : i + batch_size] for i in range(0, blocks.size(0), batch_size)]
+
+
+def read_samples(dataset: str) -> list[str | list[dict]]:
+    """Read raw samples: strings, or chat message lists to render later."""
+    if dataset == BUILTIN:
+        text = resources.files("gemoe_cli.calibration").joinpath("data/builtin.jsonl").read_text("utf-8")
+        return _parse_jsonl(text.splitlines(), "the built-in calibration set")
+    if dataset.startswith("hf:"):
+        return _read_hub_dataset(dataset)
+
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        raise InvalidInputError(f"dataset {dataset} not found; pass a .txt/.jsonl file, a folder, hf:NAME or builtin.")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise InvalidInputError(f"dataset folder {dataset} has no .txt or .jsonl files.")
+
+    samples: list[str | list[dict]] = []
+    for file in files:
+        if file.suffix not in (".txt", ".jsonl"):
+            raise InvalidInputError(f"dataset {file} has suffix {file.suffix!r}; use .txt or .jsonl.")
+        try:
+            content = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise InvalidInputError(f"cannot read dataset {file}: {error}; check that it is UTF-8 text.") from error
+        if file.suffix == ".jsonl":
+            samples.extend(_parse_jsonl(content.splitlines(), str(file)))
+        else:
+            samples.extend(part.strip() for part in content.split("\n\n") if part.strip())
+    if not samples:
+        raise InvalidInputError(f"dataset {dataset} is empty; give it at least one non-empty sample.")
+    return samples
+
+
+def _parse_jsonl(lines: list[str], name: str) -> list[str | list[dict]]:
+    samples: list[str | list[dict]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InvalidInputError(f"{name} line {number} is not valid JSON: {error.msg}.") from error
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            samples.append(record["text"])
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            samples.append(_check_messages(record["messages"], name, number))
+        else:
+            raise InvalidInputError(f"{name} line {number} has no 'text' string or 'messages' list; add one.")
+    return samples
+
+
+def _check_messages(messages: list, name: str, number: int) -> list[dict]:
+    for message in messages:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message):
+            raise InvalidInputError(f"{name} line {number}: each message needs 'role' and 'content'.")
+    return messages
+
+
+def _read_hub_dataset(dataset: str) -> list[str | list[dict]]:
+    parts = dataset[3:].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise InvalidInputError(f"dataset {dataset} is invalid; use hf:NAME[:CONFIG][:SPLIT].")
+    name, config, split = (
+        parts[0],
+        (parts[1] if len(parts) > 1 else None) or None,
+        parts[2] if len(parts) > 2 else "train",
+    )
+    try:
+        import datasets
+    except ImportError as error:
+        raise InvalidInputError("hf: datasets need the `datasets` package; pip install 'gemoe[datasets]'.") from error
+    try:
+        loaded = datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # datasets raises many unrelated types for a missing or unreachable dataset.
+        raise InvalidInputError(f"cannot load {dataset}: {str(error).splitlines()[0]}") from error
+    if "text" in loaded.column_names:
+        return [row for row in loaded["text"] if isinstance(row, str) and row.strip()]
+    if "messages" in loaded.column_names:
+        return list(loaded["messages"])
+    raise InvalidInputError(
+        f"{dataset} has no 'text' or 'messages' column (columns: {', '.join(loaded.column_names)})."
+    )
+
+
+def render(sample: str | list[dict], tokenizer) -> str:
+    """Return a sample as text, applying the tokenizer's chat template to message lists when it has one."""
+    if isinstance(sample, str):
+        return sample
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(sample, tokenize=False)
+    return "\n".join(f"{message['role']}: {message['content']}" for message in sample)
+
+
+def build_calibration_data(
+    dataset: str,
+    tokenizer,
+    *,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    heldout_fraction: float,
+    max_positions: int | None = None,
+) -> CalibrationData:
+    """Tokenize, pack and split a dataset into `num_samples` blocks of `seq_len` tokens.
+
+    Raises:
+        InvalidInputError: the dataset is empty or unreadable, has fewer tokens than two blocks, or
+            `seq_len` is above the model's position limit.
+    """
+    if seq_len < 2:
+        raise InvalidInputError(f"--seq-len {seq_len} is too short; use at least 2 tokens.")
+    if max_positions is not None and seq_len > max_positions:
+        raise InvalidInputError(
+            f"--seq-len {seq_len} is above the model's limit of {max_positions} positions; lower it."
+        )
+    if num_samples < 2:
+        raise InvalidInputError(f"--num-samples {num_samples} is too small; use at least 2 (fit and held-out).")
+
+    samples = read_samples(dataset)
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+
+    stream: list[int] = []
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    needed = num_samples * seq_len
+    for index in order:
+        stream.extend(tokenizer(render(samples[index], tokenizer), add_special_tokens=False)["input_ids"])
+        stream.extend(separator)
+        if len(stream) >= needed:
+            break
+
+    blocks = len(stream) // seq_len
+    if blocks < 2:
+        raise InvalidInputError(
+            f"dataset {dataset} has {len(stream)} tokens, fewer than two blocks of --seq-len {seq_len}; "
+            "add data or lower --seq-len."
+        )
+    blocks = min(blocks, num_samples)
+    tensor = torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
+    permutation = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))
+    tensor = tensor[permutation]
+    heldout = min(max(1, round(blocks * heldout_fraction)), blocks - 1)
+    return CalibrationData(dataset, tensor[heldout:], tensor[:heldout], len(samples), len(stream))

@@ -1,0 +1,1 @@
+"""The `gemoe` command line: the Typer application and one module per subcommand."""

@@ -86,3 +86,49 @@ def load_model(
     except OSError as error:
         raise InvalidInputError(f"cannot load the weights of {source}: {str(error).splitlines()[0]}") from error
     return model.eval()
+
+
+def resolve_device(name: str) -> str:
+    """Return a usable torch device for ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
+
+    Raises:
+        InvalidInputError: the device is unknown or not available on this machine.
+    """
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cpu":
+        return name
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"--device {name} is not available: no CUDA GPU found; use --device cpu or auto.")
+        return name
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise InvalidInputError("--device mps is not available on this machine; use --device cpu or auto.")
+        return name
+    raise InvalidInputError(f"--device {name} is unknown; use auto, cpu, cuda, cuda:N or mps.")
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """Load the tokenizer saved with a model, raising `InvalidInputError` when the model has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        raise InvalidInputError(
+            f"model {source} has no usable tokenizer ({type(error).__name__}); save one with the model."
+        ) from error
+
+
+def max_positions(config) -> int | None:
+    """Return the model's position limit from its (text) config, if it declares one."""
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    value = getattr(text_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None

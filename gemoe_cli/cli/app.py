@@ -49,6 +49,11 @@ LAZY_COMMANDS: tuple[LazyCommandSpec, ...] = (
         import_path="gemoe_cli.cli.inspect:inspect_command",
         short_help="Show a model's MoE layers and whether gemoe supports it.",
     ),
+    LazyCommandSpec(
+        name="calibrate",
+        import_path="gemoe_cli.cli.calibrate:calibrate_command",
+        short_help="Fit per-layer entropy thresholds to a sparsity or retention budget and write a recipe.",
+    ),
 )
 
 

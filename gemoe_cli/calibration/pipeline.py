@@ -1,0 +1,204 @@
+"""The whole `gemoe calibrate` run as one function: validate, load, calibrate, build recipe and report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gemoe_cli.calibration.calibrate import CalibrationResult, calibrate
+from gemoe_cli.calibration.data import CalibrationData, build_calibration_data
+from gemoe_cli.calibration.report import CalibrationSettings, build_recipe, build_report
+from gemoe_cli.errors import InvalidInputError
+from gemoe_cli.recipe import Recipe, RoutingSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationOutcome:
+    """The recipe and report of a finished calibration, ready to write."""
+
+    recipe: Recipe
+    report: dict
+    result: CalibrationResult
+    metric: str
+
+    def print_summary(self, recipe_path: Path, report_path: Path | None) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console(stderr=True)
+        table = Table(title="gemoe calibration (held-out, adaptive model)")
+        for column in ("layer", "thresholds", "sparsity", "k histogram"):
+            table.add_column(column)
+        for path, layer in self.report["layers"].items():
+            thresholds = ", ".join(f"{value:.3f}" for value in layer["thresholds"])
+            sparsity = layer["heldout_sparsity"]
+            table.add_row(
+                path, thresholds, "-" if sparsity is None else f"{sparsity:.3f}", str(layer["heldout_k_histogram"])
+            )
+        console.print(table)
+        heldout = self.result.heldout
+        console.print(
+            f"sparsity {heldout.sparsity:.4f} (fit part {self.result.fit_sparsity:.4f}), "
+            f"{self.metric} retention {heldout.retention(self.metric):.4f} on {heldout.tokens} held-out tokens"
+        )
+        console.print(f"recipe written to {recipe_path}" + (f", report to {report_path}" if report_path else ""))
+
+
+def _progress_bar(data: CalibrationData):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[samples_per_second]:.1f} samples/s, {task.fields[tokens_per_second]:.0f} tokens/s"),
+        TimeElapsedColumn(),
+        transient=True,
+    )
+
+
+def run_calibration(
+    source: str,
+    *,
+    dataset: str,
+    num_samples: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    heldout_fraction: float,
+    target_sparsity: float | None,
+    min_retention: float | None,
+    metric: str,
+    k_min: int,
+    k_max: int | None,
+    renormalize: str,
+    policy: str,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    show_progress: bool = True,
+) -> CalibrationOutcome:
+    """Calibrate `source` and return the recipe and report; writes nothing.
+
+    Everything cheap is checked before the model loads: the device, the config and family, the tokenizer,
+    the data and `--seq-len`.
+    """
+    from gemoe_cli.api import model_identity
+    from gemoe_cli.inspection import describe_source
+    from gemoe_cli.models import load_config, load_model, load_tokenizer, max_positions, resolve_device
+    from gemoe_cli.routing import attach_adaptive_routing
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    device = resolve_device(device)
+    description = describe_source(source, trust_remote_code=trust_remote_code)
+    if not description.supported:
+        from gemoe_cli.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(description.reason)
+    top_k = min(layer.top_k for layer in description.layers)
+    resolved_k_max = top_k if k_max is None else k_max
+    if k_min < 1 or k_min > resolved_k_max:
+        raise InvalidInputError(f"--k-min {k_min} is outside [1, k_max={resolved_k_max}]; lower it.")
+    if resolved_k_max > top_k:
+        raise InvalidInputError(f"--k-max {resolved_k_max} is greater than the model's K={top_k}; use at most {top_k}.")
+
+    config = load_config(source, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    data = build_calibration_data(
+        dataset,
+        tokenizer,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        seed=seed,
+        heldout_fraction=heldout_fraction,
+        max_positions=max_positions(config),
+    )
+    timings["data"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    model = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    model.to(device)
+    timings["load"] = time.perf_counter() - started
+
+    routing = attach_adaptive_routing(model, {}, k_min=k_min, k_max=k_max, renormalize=renormalize)
+    started = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            result = _calibrate_with_progress(
+                model,
+                routing,
+                data,
+                target_sparsity,
+                min_retention,
+                metric,
+                k_min,
+                k_max,
+                batch_size,
+                policy,
+                show_progress,
+            )
+    finally:
+        identity = model_identity(model, name_or_path=source)
+        routing.remove()
+    timings["calibrate"] = time.perf_counter() - started
+
+    settings = CalibrationSettings(
+        dataset,
+        num_samples,
+        seq_len,
+        batch_size,
+        seed,
+        heldout_fraction,
+        target_sparsity,
+        min_retention,
+        metric,
+        policy,
+    )
+    routing_settings = RoutingSettings(k_min=k_min, k_max=k_max, renormalize=renormalize)
+    recipe = build_recipe(result, identity, routing_settings, settings, data)
+    report = build_report(result, recipe, settings, timings)
+    return CalibrationOutcome(recipe, report, result, metric)
+
+
+def _calibrate_with_progress(
+    model, routing, data, target_sparsity, min_retention, metric, k_min, k_max, batch_size, policy, show_progress
+):
+    kwargs = dict(
+        target_sparsity=target_sparsity,
+        min_retention=min_retention,
+        metric=metric,
+        k_min=k_min,
+        k_max=k_max,
+        batch_size=batch_size,
+        policy=policy,
+    )
+    if not show_progress:
+        return calibrate(model, routing, data, **kwargs)
+
+    progress = _progress_bar(data)
+    with progress:
+        task = progress.add_task("calibrating", total=None, samples_per_second=0.0, tokens_per_second=0.0)
+        started = time.perf_counter()
+        seen = {"samples": 0, "tokens": 0}
+
+        def advance(phase: str, batch: torch.Tensor) -> None:
+            seen["samples"] += batch.size(0)
+            seen["tokens"] += batch.numel()
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            progress.update(
+                task,
+                description=f"calibrating ({phase})",
+                advance=batch.size(0),
+                samples_per_second=seen["samples"] / elapsed,
+                tokens_per_second=seen["tokens"] / elapsed,
+            )
+
+        return calibrate(model, routing, data, progress=advance, **kwargs)

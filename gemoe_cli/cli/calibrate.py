@@ -1,0 +1,130 @@
+"""`gemoe calibrate MODEL`: fit per-layer entropy thresholds to a sparsity or retention budget."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gemoe_cli.calibration.data import BUILTIN
+from gemoe_cli.errors import InvalidInputError
+
+DEFAULT_NUM_SAMPLES = 256
+DEFAULT_SEQ_LEN = 256
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_HELDOUT_FRACTION = 0.2
+
+
+def _check_budget(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 < value < 1.0:  # also rejects NaN
+        raise InvalidInputError(f"{name} {value} is outside (0, 1); pass a fraction such as 0.35.")
+
+
+def _check_output(path: Path, option: str) -> None:
+    folder = path.expanduser().resolve().parent
+    if path.is_dir():
+        raise InvalidInputError(f"{option} {path} is a directory; give a file path.")
+    if not folder.is_dir():
+        raise InvalidInputError(f"{option} {path}: folder {folder} does not exist; create it first.")
+
+
+def calibrate_command(
+    model: Annotated[str, typer.Argument(help="Hugging Face hub id or local model directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Recipe file to write (.yaml or .json).")] = Path(
+        "recipe.yaml"
+    ),
+    report: Annotated[Path | None, typer.Option("--report", help="Also write a JSON report to this file.")] = None,
+    target_sparsity: Annotated[
+        float | None, typer.Option("--target-sparsity", help="Fraction of expert activations to remove, in (0, 1).")
+    ] = None,
+    min_retention: Annotated[
+        float | None, typer.Option("--min-retention", help="Lowest acceptable held-out retention, in (0, 1).")
+    ] = None,
+    metric: Annotated[str, typer.Option("--metric", help="Retention metric: nll, agreement or kl.")] = "nll",
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="builtin, a .txt/.jsonl file or folder, or hf:NAME[:CONFIG][:SPLIT].")
+    ] = BUILTIN,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Token blocks to use (fit + held-out).")] = (
+        DEFAULT_NUM_SAMPLES
+    ),
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per block.")] = DEFAULT_SEQ_LEN,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")] = DEFAULT_BATCH_SIZE,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sample order and the fit/held-out split.")] = 0,
+    heldout_fraction: Annotated[
+        float, typer.Option("--heldout-fraction", help="Share of blocks kept out of fitting to measure retention.")
+    ] = DEFAULT_HELDOUT_FRACTION,
+    k_min: Annotated[int, typer.Option("--k-min", help="Fewest experts a token may engage.")] = 1,
+    k_max: Annotated[int | None, typer.Option("--k-max", help="Most experts a token may engage (default K).")] = None,
+    renormalize: Annotated[
+        str, typer.Option("--renormalize", help="preserve_mass (rescale kept weights) or none.")
+    ] = "preserve_mass",
+    policy: Annotated[
+        str, typer.Option("--policy", help="allocated (cost-aware layer allocation) or uniform (same quantiles).")
+    ] = "allocated",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
+    ] = False,
+) -> None:
+    """Fit per-layer gating-entropy thresholds on calibration data and write a recipe.
+
+    Give --target-sparsity, --min-retention or both. Sparsity and retention in the recipe are measured on a
+    held-out part of the data by running the adaptive model.
+    """
+    _check_budget("--target-sparsity", target_sparsity)
+    _check_budget("--min-retention", min_retention)
+    if target_sparsity is None and min_retention is None:
+        raise InvalidInputError("no budget given; pass --target-sparsity, --min-retention or both.")
+    if metric not in ("nll", "agreement", "kl"):
+        raise InvalidInputError(f"--metric {metric} is unknown; use nll, agreement or kl.")
+    if renormalize not in ("preserve_mass", "none"):
+        raise InvalidInputError(f"--renormalize {renormalize} is unknown; use preserve_mass or none.")
+    if policy not in ("allocated", "uniform"):
+        raise InvalidInputError(f"--policy {policy} is unknown; use allocated or uniform.")
+    if not 0.0 < heldout_fraction < 1.0:
+        raise InvalidInputError(f"--heldout-fraction {heldout_fraction} is outside (0, 1); use e.g. 0.2.")
+    if batch_size < 1:
+        raise InvalidInputError(f"--batch-size {batch_size} is invalid; use 1 or more.")
+    if output.suffix not in (".yaml", ".yml", ".json"):
+        raise InvalidInputError(f"-o {output} has suffix {output.suffix!r}; use .yaml, .yml or .json.")
+    _check_output(output, "-o")
+    if report is not None:
+        _check_output(report, "--report")
+
+    from gemoe_cli.calibration.pipeline import run_calibration
+
+    started = time.perf_counter()
+    outcome = run_calibration(
+        model,
+        dataset=dataset,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        heldout_fraction=heldout_fraction,
+        target_sparsity=target_sparsity,
+        min_retention=min_retention,
+        metric=metric,
+        k_min=k_min,
+        k_max=k_max,
+        renormalize=renormalize,
+        policy=policy,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
+
+    from gemoe_cli.atomic import write_text_atomically
+    from gemoe_cli.recipe import save_recipe
+
+    outcome.report["seconds"]["total"] = time.perf_counter() - started
+    save_recipe(outcome.recipe, output)
+    if report is not None:
+        write_text_atomically(report, json.dumps(outcome.report, indent=2) + "\n", what="report")
+    outcome.print_summary(output, report)

@@ -75,6 +75,8 @@ class AdaptiveLayer:
         self.observers: list[Observer] = []
         self.enabled = True
         """With `False` the layer routes statically (observers still see every batch, with k = K)."""
+        self.baseline = None
+        """A baseline policy (`gemoe_cli.routing.baselines`) that replaces the entropy thresholds when set."""
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.reset_counters()
 
@@ -124,12 +126,19 @@ class AdaptiveLayer:
         nonfinite = ~torch.isfinite(scores).all(dim=-1)
         entropy = torch.where(nonfinite, torch.full_like(entropy, float("nan")), entropy)
         k = experts_per_token(entropy, self.thresholds, self.k_min, self.k_max)  # (T,)
+
+        safe_index = top_k_index.clamp(0, scores.size(-1) - 1)
+        slot_scores = selection_scores(scores, self.scoring, bias).gather(-1, safe_index)  # (T, K)
+        ranks = rank_slots(slot_scores)
+        if self.baseline is not None:
+            ranked = torch.zeros_like(slot_scores).scatter_(-1, ranks, distribution.gather(-1, safe_index))
+            baseline_k = self.baseline.experts_per_token(torch.nan_to_num(ranked, nan=1.0), self.k_min, self.k_max)
+            k = torch.where(nonfinite, k, baseline_k)
         if not self.enabled:
             k = torch.full_like(k, top_k_index.size(-1))
 
-        slot_scores = selection_scores(scores, self.scoring, bias).gather(-1, top_k_index.clamp(0, scores.size(-1) - 1))
         if self.observers:
-            event = RoutingEvent(self.path, distribution, entropy, rank_slots(slot_scores), top_k_weights, k)
+            event = RoutingEvent(self.path, distribution, entropy, ranks, top_k_weights, k)
             for observer in self.observers:
                 observer(event)
         if not self.enabled:

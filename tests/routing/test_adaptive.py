@@ -153,3 +153,26 @@ def test_unknown_layer_path_rejected(mixtral):
 def test_k_max_above_top_k_rejected(mixtral):
     with pytest.raises(ValueError, match="k_max=5 is greater than the static top-k K=4"):
         attach_adaptive_routing(mixtral, {}, k_max=5)
+
+
+def test_baselines_choose_k_from_ranked_probabilities():
+    from gemoe_cli.routing.baselines import RatioSkip, StaticK, TopP
+
+    ranked = torch.tensor([[0.5, 0.3, 0.1, 0.05], [0.2, 0.2, 0.2, 0.2]])
+
+    assert TopP(0.75).experts_per_token(ranked, 1, 4).tolist() == [2, 4]
+    assert TopP(0.1).experts_per_token(ranked, 1, 4).tolist() == [1, 1]
+    assert RatioSkip(0.5).experts_per_token(ranked, 1, 4).tolist() == [2, 4]
+    assert StaticK(3).experts_per_token(ranked, 1, 4).tolist() == [3, 3]
+
+
+def test_static_k_minus_one_baseline_counts(mixtral):
+    from gemoe_cli.routing.baselines import StaticK
+
+    ids = tiny_models.input_ids()
+    with attach_adaptive_routing(mixtral, {}) as routing, torch.no_grad():
+        for layer in routing.layers.values():
+            layer.baseline = StaticK(3)
+        tiny_models.forward_logits(mixtral, ids)
+
+    assert routing.sparsity() == pytest.approx(0.25)

@@ -54,6 +54,11 @@ LAZY_COMMANDS: tuple[LazyCommandSpec, ...] = (
         import_path="gemoe_cli.cli.calibrate:calibrate_command",
         short_help="Fit per-layer entropy thresholds to a sparsity or retention budget and write a recipe.",
     ),
+    LazyCommandSpec(
+        name="convert",
+        import_path="gemoe_cli.cli.convert:convert_command",
+        short_help="Rewrite the routers with a recipe and save a loadable checkpoint.",
+    ),
 )
 
 

@@ -1,0 +1,58 @@
+"""`gemoe convert MODEL --recipe R -o DIR`: save a checkpoint that loads back with adaptive routing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gemoe_cli.errors import InvalidInputError
+
+
+def convert_command(
+    model: Annotated[str, typer.Argument(help="Hugging Face hub id or local model directory.")],
+    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe file from `gemoe calibrate` (.yaml or .json).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write; must not exist.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
+    device_map: Annotated[
+        str | None, typer.Option("--device-map", help="Passed to from_pretrained, e.g. auto or cpu.")
+    ] = None,
+    ignore_fingerprint: Annotated[
+        bool, typer.Option("--ignore-fingerprint", help="Use a recipe fitted on other router weights.")
+    ] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
+    ] = False,
+) -> None:
+    """Rewrite the routers with a recipe and save a Hugging Face checkpoint directory.
+
+    The directory appears only when complete. It loads with `gemoe_cli.convert.load_adaptive_model`, or with
+    transformers alone through `trust_remote_code=True`.
+    """
+    from gemoe_cli.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    if output.exists() and not force:
+        raise InvalidInputError(f"output directory {output} already exists; choose another path or pass --force.")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise InvalidInputError(f"--dtype {dtype} is unknown; use auto, float32, bfloat16 or float16.")
+
+    from rich.console import Console
+
+    from gemoe_cli.convert import convert
+
+    written = convert(
+        model,
+        loaded,
+        output,
+        dtype=dtype,
+        device_map=device_map,
+        force=force,
+        ignore_fingerprint=ignore_fingerprint,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
+    Console(stderr=True).print(f"adaptive checkpoint written to {written}")

@@ -1,0 +1,213 @@
+"""Convert: apply a recipe, save a loadable adaptive checkpoint, and load one back.
+
+A converted directory holds the original weights (safetensors), the tokenizer or processor files, a
+``config.json`` with a ``gemoe`` section (routing settings and per-layer thresholds) and an ``auto_map``
+entry pointing at the generated ``modeling_gemoe.py``, and a model card. It loads two ways:
+
+- `load_adaptive_model(path)` with gemoe installed, no remote code;
+- ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` with only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from gemoe_cli import __version__
+from gemoe_cli.atomic import atomic_directory
+from gemoe_cli.errors import InvalidInputError
+from gemoe_cli.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+REMOTE_CODE_FILE = "modeling_gemoe.py"
+REMOTE_CLASS_NAME = "GemoeModel"
+CONFIG_KEY = "gemoe"
+
+
+def _encode_threshold(value: float) -> float | str:
+    # JSON has no infinity; strings keep config.json standard JSON and float() reads them back.
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def gemoe_config_section(recipe: Recipe) -> dict:
+    """Return the ``gemoe`` section of config.json for a recipe."""
+    measured = (recipe.calibration or {}).get("measured", {})
+    return {
+        "format_version": 1,
+        "tool": f"gemoe {__version__}",
+        "k_min": recipe.routing.k_min,
+        "k_max": recipe.routing.k_max,
+        "renormalize": recipe.routing.renormalize,
+        "thresholds": {
+            path: [_encode_threshold(value) for value in layer.thresholds] for path, layer in recipe.layers.items()
+        },
+        "router_fingerprint": recipe.model.router_fingerprint,
+        "measured": measured,
+    }
+
+
+def _model_card(source: str, recipe: Recipe, auto_class: str) -> str:
+    measured = (recipe.calibration or {}).get("measured", {})
+    budget = (recipe.calibration or {}).get("budget", {})
+    metric = budget.get("metric", "nll")
+
+    def figure(key: str) -> str:
+        value = measured.get(key)
+        return "not measured" if value is None else f"{value:.4f}"
+
+    return f"""---
+library_name: transformers
+tags:
+- gemoe
+- mixture-of-experts
+- adaptive-routing
+base_model: {source}
+---
+
+# {Path(source).name} with gating-entropy adaptive routing
+
+This checkpoint is `{source}` with its routers rewritten by [gemoe](https://pypi.org/project/gemoe/) {__version__}:
+each token engages between {recipe.routing.k_min} and {recipe.resolved_k_max} of its top-{recipe.model.top_k}
+experts, fewer when its router is confident (low gating entropy). The weights are unchanged.
+
+| measured on held-out calibration data | value |
+|---|---|
+| expert-activation sparsity | {figure("heldout_sparsity")} |
+| retention ({metric}) | {figure("heldout_retention")} |
+| held-out tokens | {measured.get("heldout_tokens", "not measured")} |
+
+Thresholds and settings are in `config.json` under `"gemoe"`; the recipe that produced them is
+`gemoe_recipe.yaml`.
+
+## Load
+
+With gemoe installed:
+
+```python
+from gemoe_cli.convert import load_adaptive_model
+model = load_adaptive_model("path/to/this/directory")
+```
+
+With only torch and transformers:
+
+```python
+from transformers import {auto_class}
+model = {auto_class}.from_pretrained("path/to/this/directory", trust_remote_code=True)
+```
+
+## Evaluate with lm-eval
+
+```bash
+lm_eval --model hf --model_args pretrained=path/to/this/directory,trust_remote_code=True --tasks lambada_openai
+```
+"""
+
+
+def _save_preprocessors(source: str, directory: Path, trust_remote_code: bool) -> list[str]:
+    """Copy the tokenizer and, for multimodal models, the processor; return what was saved."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    saved = []
+    try:
+        AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(directory)
+        saved.append("tokenizer")
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        logger.warning("no tokenizer saved: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if not hasattr(processor, "model_input_names") or type(processor).__name__.endswith("Processor"):
+            processor.save_pretrained(directory)
+            saved.append("processor")
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    return saved
+
+
+def convert(
+    source: str,
+    recipe: Recipe,
+    output: Path,
+    *,
+    dtype: str = "auto",
+    device_map: str | None = None,
+    force: bool = False,
+    ignore_fingerprint: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
+    """Write an adaptive checkpoint of `source` for `recipe` to `output`, atomically.
+
+    Raises:
+        InvalidInputError: `output` exists without `force`, its folder is not writable, or the weights are
+            missing.
+        RecipeMismatchError: the recipe describes another model.
+    """
+    from gemoe_cli.api import apply_recipe
+    from gemoe_cli.models import load_model, model_class_for
+    from gemoe_cli.recipe import recipe_to_yaml
+    from gemoe_cli.remote_code import generate_remote_code
+
+    output = Path(output)
+    if output.exists() and not force:
+        raise InvalidInputError(f"output directory {output} already exists; choose another path or pass --force.")
+
+    model = load_model(
+        source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    # Attaching validates the recipe against the model; the saved weights stay the original ones.
+    apply_recipe(model, recipe, ignore_fingerprint=ignore_fingerprint).remove()
+
+    auto_class = model_class_for(model.config).__name__
+    base_class = type(model).__name__
+    with atomic_directory(output, force=force) as directory:
+        model.config.gemoe = gemoe_config_section(recipe)
+        model.config.auto_map = {auto_class: f"{REMOTE_CODE_FILE.removesuffix('.py')}.{REMOTE_CLASS_NAME}"}
+        try:
+            model.save_pretrained(directory, safe_serialization=True)
+        finally:
+            del model.config.gemoe
+            del model.config.auto_map
+        (directory / REMOTE_CODE_FILE).write_text(generate_remote_code(base_class, REMOTE_CLASS_NAME), "utf-8")
+        (directory / "gemoe_recipe.yaml").write_text(recipe_to_yaml(recipe), "utf-8")
+        _save_preprocessors(source, directory, trust_remote_code)
+        (directory / "README.md").write_text(_model_card(source, recipe, auto_class), "utf-8")
+    logger.info("adaptive checkpoint written to %s", output)
+    return output
+
+
+def read_gemoe_section(path: Path) -> dict:
+    """Return the ``gemoe`` section of a converted checkpoint's config.json."""
+    config_file = Path(path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise InvalidInputError(
+            f"cannot read {config_file}: {error}; pass a directory written by gemoe convert."
+        ) from error
+    if CONFIG_KEY not in config:
+        raise InvalidInputError(f"{path} is not a gemoe checkpoint (config.json has no 'gemoe' section).")
+    return config[CONFIG_KEY]
+
+
+def load_adaptive_model(path: str | Path, **load_options):
+    """Load a converted checkpoint with its adaptive routing attached; no remote code runs.
+
+    The handle of the attached routing (counters, `remove()`) is `model.gemoe_routing`. `load_options`
+    go to `gemoe_cli.models.load_model` (dtype, device_map, ...).
+    """
+    from gemoe_cli.models import load_model
+    from gemoe_cli.routing import attach_adaptive_routing
+
+    settings = read_gemoe_section(Path(path))
+    model = load_model(str(path), **load_options)
+    model.gemoe_routing = attach_adaptive_routing(
+        model,
+        {p: [float(value) for value in values] for p, values in settings["thresholds"].items()},
+        k_min=int(settings["k_min"]),
+        k_max=None if settings.get("k_max") is None else int(settings["k_max"]),
+        renormalize=settings["renormalize"],
+    )
+    return model

@@ -60,7 +60,7 @@ def describe_model(model, source: str = "") -> ModelDescription:
             path=block.path,
             num_experts=block.num_experts,
             top_k=block.top_k,
-            scoring=block.scoring,
+            scoring=block.scoring_name,
             selection_bias=block.has_selection_bias,
             shared_experts=block.has_shared_experts,
         )

@@ -128,7 +128,11 @@ class AdaptiveLayer:
         k = experts_per_token(entropy, self.thresholds, self.k_min, self.k_max)  # (T,)
 
         safe_index = top_k_index.clamp(0, scores.size(-1) - 1)
-        slot_scores = selection_scores(scores, self.scoring, bias).gather(-1, safe_index)  # (T, K)
+        if self.moe.adapter.bias_on_logits and bias is not None:
+            ranking = scores.float() + bias.float()
+        else:
+            ranking = selection_scores(scores, self.scoring, bias)
+        slot_scores = ranking.gather(-1, safe_index)  # (T, K)
         ranks = rank_slots(slot_scores)
         if self.baseline is not None:
             ranked = torch.zeros_like(slot_scores).scatter_(-1, ranks, distribution.gather(-1, safe_index))

@@ -67,6 +67,13 @@ _SOFTMAX = (
     ("gpt_oss", ("gpt_oss",)),
     ("mistral4", ("mistral4",)),
     ("mellum", ("mellum",)),
+    ("granitemoe_swa", ("granitemoe_swa",)),
+    ("openai_privacy_filter", ("openai_privacy_filter",)),
+    ("ernie4_5_vl_moe", ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text")),
+    ("mistral_large4", ("mistral_large4", "mistral_large4_text")),
+    ("qwen4_exp", ("qwen4_exp", "qwen4_exp_text")),
+    ("deepseek_ocr2", ("deepseek_ocr2", "deepseek_ocr2_text")),
+    ("unlimited_ocr", ("unlimited_ocr", "unlimited_ocr_text")),
 )
 
 _SIGMOID = (
@@ -78,6 +85,21 @@ _SIGMOID = (
     ("exaone_moe", ("exaone_moe",)),
     ("solar_open", ("solar_open",)),
     ("laguna", ("laguna",)),
+    ("flint", ("flint",)),
+    ("glm4_moe_lite", ("glm4_moe_lite",)),
+    ("glm_moe_dsa", ("glm_moe_dsa",)),
+    ("deepseek_v32", ("deepseek_v32",)),
+    ("mimo_v2_flash", ("mimo_v2_flash",)),
+    ("hy_v4", ("hy_v4",)),
+    ("beam", ("beam",)),
+    ("axk1", ("axk1",)),
+    ("axk2", ("axk2",)),
+    ("bailing_hybrid", ("bailing_hybrid",)),
+    ("nemotron_h", ("nemotron_h",)),
+    ("glm5_next", ("glm5_next", "glm5_next_text")),
+    ("dots3_note", ("dots3_note", "dots3_note_text")),
+    ("minimax_m3_vl", ("minimax_m3_vl", "minimax_m3_vl_text")),
+    ("muse_spark", ("muse_spark", "muse_spark_text")),
 )
 
 for _name, _types in _SOFTMAX:
@@ -87,6 +109,29 @@ for _name, _types in _SIGMOID:
     register(FamilyAdapter(_name, _types, scoring="sigmoid"))
 
 register(FamilyAdapter("cohere2_moe", ("cohere2_moe",), scoring=_cohere2_scoring))
+
+register(FamilyAdapter("kolibri1", ("kolibri1",), scoring="sigmoid", bias_on_logits=True))
+
+# The router's score function comes from `config.scoring_func`; hash routers pick experts by token id.
+for _name, _types in (("deepseek_v4", ("deepseek_v4",)), ("inkling2", ("inkling2", "inkling2_text"))):
+    register(
+        FamilyAdapter(
+            _name,
+            _types,
+            scoring=lambda router: router.score_fn,
+            skip_router=lambda router: "Hash" in type(router).__name__,
+            note="layers with a hash router pick experts by token id and keep static routing",
+        )
+    )
+
+register(
+    FamilyAdapter(
+        "diffusion_gemma",
+        ("diffusion_gemma", "diffusion_gemma_text"),
+        scoring="probabilities",
+        note="the router returns probabilities; per-expert scales apply to the kept weights",
+    )
+)
 
 # The block owns the selection bias and passes it to the router as an argument.
 for _name, _types in (("afmoe", ("afmoe",)), ("lfm2_moe", ("lfm2_moe",)), ("minimax_m2", ("minimax_m2",))):

@@ -32,8 +32,14 @@ class MoEBlock:
     top_k: int
 
     @property
-    def scoring(self) -> str:
+    def scoring(self):
         return self.adapter.scoring_for(self.router)
+
+    @property
+    def scoring_name(self) -> str:
+        """The scoring as shown to users: softmax, sigmoid, probabilities, or `<function>-normalised`."""
+        scoring = self.scoring
+        return scoring if isinstance(scoring, str) else f"{type(scoring).__name__}-normalised"
 
     @property
     def has_selection_bias(self) -> bool:
@@ -103,7 +109,7 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
             ),
             None,
         )
-        if router is None:
+        if router is None or (adapter.skip_router is not None and adapter.skip_router(router)):
             continue
         config = getattr(experts, "config", None) or getattr(module, "config", None) or getattr(model, "config", None)
         num_experts = _first_int((experts, router, module, config), _NUM_EXPERTS_NAMES)

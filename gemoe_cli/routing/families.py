@@ -34,6 +34,8 @@ class FamilyAdapter:
         logits_position: where the scores sit in the router's return value (`None`: it returns a tensor).
         router_names: attribute names of the router inside the MoE block, tried in order.
         bias_from_argument: the block passes its selection bias to the router as the second argument.
+        bias_on_logits: the router adds its selection bias to raw logits, not to scores (Kolibri).
+        skip_router: routers of this family that do not select by score (hash routers) and stay static.
         block_forward: a replacement `forward(block, hidden_states)` for blocks that do not call their
             experts with a top-k selection (llama4 scales expert inputs by dense scores).
         expert_forward: `forward(experts, expert_id, hidden_states)` for experts classes that are not
@@ -48,6 +50,8 @@ class FamilyAdapter:
     logits_position: int | None = 0
     router_names: tuple[str, ...] = ("gate", "router")
     bias_from_argument: bool = False
+    bias_on_logits: bool = False
+    skip_router: Callable[[object], bool] | None = None
     block_forward: Callable | None = None
     expert_forward: Callable | None = None
     note: str = ""

@@ -5,16 +5,18 @@ Legend for shape comments: T tokens, E experts, K experts selected by static top
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
-Scoring = Literal["softmax", "sigmoid", "probabilities"]
+Scoring = Literal["softmax", "sigmoid", "probabilities"] | Callable[[torch.Tensor], torch.Tensor]
 """How a router's raw output becomes the gating distribution.
 
 - ``softmax``: the output is logits, ``p = softmax(logits)``.
 - ``sigmoid``: the output is logits of a sigmoid-scored router, ``p = sigmoid(logits) / sum(sigmoid(logits))``.
 - ``probabilities``: the router already returns ``softmax(logits)``.
+- a function ``f`` (a router's own positive score function, such as DeepSeek-V4's): ``p = f(logits) / sum f``.
 """
 
 
@@ -32,6 +34,9 @@ def gating_distribution(router_output: torch.Tensor, scoring: Scoring) -> torch.
         return sigmoid / sigmoid.sum(dim=-1, keepdim=True)
     if scoring == "probabilities":
         return scores
+    if callable(scoring):
+        positive = scoring(scores)
+        return positive / positive.sum(dim=-1, keepdim=True)
     raise ValueError(f"unknown scoring {scoring!r}; expected softmax, sigmoid or probabilities")
 
 
@@ -55,6 +60,8 @@ def selection_scores(router_output: torch.Tensor, scoring: Scoring, bias: torch.
     scores = router_output.float()
     if scoring == "sigmoid":
         scores = torch.sigmoid(scores)
+    elif callable(scoring):
+        scores = scoring(scores)
     if bias is None:
         return scores
     if scoring == "softmax":

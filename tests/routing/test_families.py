@@ -40,6 +40,8 @@ def _quantile_thresholds(model, ids, k_min=1):
         layers = dict(routing.layers)
     thresholds = {}
     for path, layer in layers.items():
+        if path not in events:
+            continue  # a block that saw no tokens (a vision expert block on text input) keeps static routing
         count = layer.k_max - k_min
         quantiles = torch.linspace(0, 1, count + 2)[1:-1]
         thresholds[path] = torch.quantile(events[path].float(), quantiles).tolist()
@@ -86,9 +88,13 @@ def test_adaptive_outputs_agree_and_are_finite(model_type):
         assert _max_diff(other, sparse) <= TOLERANCE, implementation
 
 
+# Softmax routers that never renormalise their top-k weights, so dropping a slot is not the same as top-(K-1).
+NOT_RENORMALISED = {"jamba", "deepseek_v2", "deepseek_ocr2", "unlimited_ocr"}
+
+
 def _renormalised_softmax_families():
     families = []
-    for model_type in SUPPORTED:
+    for model_type in sorted(set(SUPPORTED) - NOT_RENORMALISED):
         adapter = adapter_for(model_type)
         if adapter.scoring == "softmax" and tiny_models.FAMILIES[model_type].top_k_attr is not None:
             families.append(model_type)

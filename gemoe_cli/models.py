@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gemoe_cli.errors import InvalidInputError, UnsupportedModelError
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 _AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel")
 
 
@@ -119,6 +120,12 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     """Load the tokenizer saved with a model, raising `InvalidInputError` when the model has none."""
     from transformers import AutoTokenizer
 
+    # transformers 5 builds an empty tokenizer from the config when a folder has no tokenizer files.
+    path = Path(source)
+    if path.is_dir() and not any((path / name).exists() for name in _TOKENIZER_FILES):
+        raise InvalidInputError(
+            f"model {source} has no usable tokenizer (no {', '.join(_TOKENIZER_FILES[:2])}); save one with the model."
+        )
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:

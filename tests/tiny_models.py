@@ -1229,3 +1229,30 @@ def forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = getattr(output, "logits", None)
     tensor = logits if logits is not None else output.last_hidden_state
     return tensor.float()
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """Return a byte-level BPE tokenizer with at most `VOCAB_SIZE` tokens, trained here on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        "Routers send each token to a few experts.",
+        "A confident router needs fewer experts than an uncertain one.",
+        "def add(a, b):\n    return a + b",
+        "Le routeur choisit les experts. Der Router waehlt Experten.",
+    ]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<eos>"], show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+
+
+def save_with_tokenizer(model: PreTrainedModel, directory) -> str:
+    """Save `model` and `tiny_tokenizer()` to `directory` and return its path as a string."""
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return str(directory)

@@ -1,0 +1,149 @@
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gemoe_cli.cli.app import app
+from tests import tiny_models
+
+runner = CliRunner()
+FAST = ["--num-samples", "24", "--seq-len", "32", "--batch-size", "8", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_models.save_with_tokenizer(tiny_models.build("olmoe"), tmp_path_factory.mktemp("olmoe"))
+
+
+def _calibrate(model_dir, *args):
+    return runner.invoke(app, ["calibrate", model_dir, *FAST, *args])
+
+
+def test_calibrate_writes_recipe_and_report(model_dir, tmp_path):
+    recipe_file, report_file = tmp_path / "recipe.yaml", tmp_path / "report.json"
+
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "-o", str(recipe_file), "--report", str(report_file))
+
+    assert result.exit_code == 0, result.output
+    recipe = yaml.safe_load(recipe_file.read_text())
+    report = json.loads(report_file.read_text())
+    assert recipe["format_version"] == 1
+    assert recipe["model"]["model_type"] == "olmoe"
+    assert set(recipe["layers"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert recipe["calibration"]["budget"]["target_sparsity"] == 0.3
+    assert 0.0 <= recipe["calibration"]["measured"]["heldout_sparsity"] <= 0.75
+    layer = report["layers"]["model.layers.0.mlp"]
+    assert set(layer["entropy_quantiles"]) == {"0.05", "0.25", "0.5", "0.75", "0.95"}
+    assert sum(layer["heldout_k_histogram"]) > 0
+    assert report["heldout"]["tokens"] > 0
+    assert "retention" in report["heldout"]
+
+
+def test_same_seed_gives_identical_recipe(model_dir, tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+
+    _calibrate(model_dir, "--target-sparsity", "0.25", "-o", str(first))
+    _calibrate(model_dir, "--target-sparsity", "0.25", "-o", str(second))
+
+    assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.parametrize("budget", ["0", "1", "1.5", "-0.2", "nan"])
+def test_budget_outside_unit_interval(model_dir, tmp_path, budget):
+    result = _calibrate(model_dir, "--target-sparsity", budget, "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "outside (0, 1)" in result.stderr
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_no_budget(model_dir, tmp_path):
+    result = _calibrate(model_dir, "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "no budget given" in result.stderr
+
+
+def test_unreachable_sparsity_names_frontier(model_dir, tmp_path):
+    result = _calibrate(model_dir, "--target-sparsity", "0.6", "--k-min", "3", "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "highest sparsity is 0.2500" in result.stderr
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_empty_dataset(model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "--dataset", str(empty), "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "is empty" in result.stderr
+
+
+def test_unreadable_dataset(model_dir, tmp_path):
+    binary = tmp_path / "data.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81binary")
+
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "--dataset", str(binary), "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "UTF-8" in result.stderr
+
+
+def test_dataset_with_too_few_tokens(model_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Routers route.")
+
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "--dataset", str(short), "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "fewer than two blocks" in result.stderr
+
+
+def test_invalid_jsonl_line(model_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine"}\n{"nope": 1}\n')
+
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "--dataset", str(data), "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "line 2 has no 'text' string or 'messages' list" in result.stderr
+
+
+def test_sequence_longer_than_model_limit(model_dir, tmp_path):
+    result = runner.invoke(
+        app,
+        ["calibrate", model_dir, "--target-sparsity", "0.3", "--seq-len", "100000", "-o", str(tmp_path / "r.yaml")],
+    )
+
+    assert result.exit_code == 2
+    assert "above the model's limit" in result.stderr
+
+
+def test_model_without_tokenizer(tmp_path):
+    source = tmp_path / "model"
+    tiny_models.build("olmoe").save_pretrained(source)
+
+    result = _calibrate(str(source), "--target-sparsity", "0.3", "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "no usable tokenizer" in result.stderr
+
+
+def test_output_folder_missing(model_dir, tmp_path):
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "-o", str(tmp_path / "absent" / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "does not exist" in result.stderr
+
+
+def test_unavailable_device(model_dir, tmp_path):
+    result = runner.invoke(
+        app, ["calibrate", model_dir, "--target-sparsity", "0.3", "--device", "cuda", "-o", str(tmp_path / "r.yaml")]
+    )
+
+    assert result.exit_code == 2
+    assert "--device cuda is not available" in result.stderr

@@ -131,8 +131,22 @@ def render(sample: str | list[dict], tokenizer) -> str:
     if isinstance(sample, str):
         return sample
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(sample, tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(sample, tokenize=False)
+        except Exception:  # noqa: BLE001 - templates raise jinja's own exceptions for unsupported roles
+            # Some templates reject a system role: fold it into the first user turn and try once more.
+            folded = _fold_system_message(sample)
+            if folded is not sample:
+                return tokenizer.apply_chat_template(folded, tokenize=False)
+            raise
     return "\n".join(f"{message['role']}: {message['content']}" for message in sample)
+
+
+def _fold_system_message(messages: list[dict]) -> list[dict]:
+    if len(messages) < 2 or messages[0].get("role") != "system" or messages[1].get("role") != "user":
+        return messages
+    merged = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [merged, *messages[2:]]
 
 
 def build_calibration_data(

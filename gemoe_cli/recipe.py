@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -110,6 +111,9 @@ class Recipe(_RecipeSection):
     calibration: dict[str, Any] | None = None
     """Free-form record of how the thresholds were fitted."""
     notes: str | None = None
+    checksum: str | None = None
+    """SHA-256 of the recipe's other content, written on save. A mismatch on load means the file was
+    edited by hand: it is still used (if valid), with a warning."""
 
     @property
     def resolved_k_max(self) -> int:
@@ -176,6 +180,8 @@ class Recipe(_RecipeSection):
 
 
 # --- fingerprint -------------------------------------------------------------------------------------
+
+logger = logging.getLogger(__name__)
 
 _FINGERPRINT_TAG = b"gemoe-router-fingerprint-v1\0"
 
@@ -316,11 +322,17 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         )
     _check_format_version(path, data)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as error:
         raise InvalidInputError(f"{path}: {_describe_validation_error(error)}") from None
     except InvalidInputError as error:
         raise InvalidInputError(f"{path}: {error}") from None
+
+    expected = _recipe_to_data(recipe)["checksum"]
+    if recipe.checksum is not None and recipe.checksum != expected:
+        logger.warning("%s was edited after gemoe wrote it (checksum mismatch); using its current content.", path)
+    # The checksum describes the file, not the object: saving computes a fresh one.
+    return recipe.model_copy(update={"checksum": None})
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike[str]) -> None:
@@ -359,12 +371,20 @@ def _recipe_to_data(recipe: Recipe) -> dict[str, Any]:
     Top-level and section keys follow the field order of the models. Layer paths are sorted so that
     numbers compare as numbers (`layers.2` before `layers.10`), and calibration keys are sorted.
     """
-    data = recipe.model_dump(mode="python", exclude_none=True)
+    data = recipe.model_dump(mode="python", exclude_none=True, exclude={"checksum"})
     layers = data["layers"]
     data["layers"] = {path: layers[path] for path in sorted(layers, key=_natural_sort_key)}
     if "calibration" in data:
         data["calibration"] = _sort_mapping_keys(data["calibration"])
+    data["checksum"] = recipe_checksum(data)
     return data
+
+
+def recipe_checksum(data: dict[str, Any]) -> str:
+    """Return the SHA-256 of a recipe's content (every field but `checksum`) in a canonical JSON form."""
+    content = {key: value for key, value in data.items() if key != "checksum"}
+    canonical = json.dumps(_replace_non_finite_floats(content), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _natural_sort_key(path: str) -> tuple[Any, ...]:

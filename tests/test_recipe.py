@@ -640,3 +640,38 @@ def test_docs_example_is_saved_form(tmp_path: Path) -> None:
     assert recipe.resolved_k_max == 4
     assert recipe.layers["model.layers.1.mlp"].thresholds == [-math.inf, 1.1, math.inf]
     assert recipe_to_yaml(recipe) == example
+
+
+def test_hand_edited_recipe_loads_with_warning(tmp_path, caplog):
+    path = tmp_path / "recipe.yaml"
+    save_recipe(make_recipe(), path)
+    text = path.read_text()
+    edited = text.replace("1.5", "1.25", 1)
+    assert edited != text
+    path.write_text(edited)
+
+    with caplog.at_level("WARNING"):
+        loaded = load_recipe(path)
+
+    assert "edited after gemoe wrote it" in caplog.text
+    assert loaded.checksum is None
+
+
+def test_unedited_recipe_loads_without_warning(tmp_path, caplog):
+    path = tmp_path / "recipe.yaml"
+    save_recipe(make_recipe(), path)
+
+    with caplog.at_level("WARNING"):
+        load_recipe(path)
+
+    assert "checksum" not in caplog.text
+
+
+def test_truncated_recipe_rejected(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    save_recipe(make_recipe(), path)
+    text = path.read_text()
+    path.write_text(text[: len(text) // 3])
+
+    with pytest.raises(InvalidInputError, match="recipe.yaml"):
+        load_recipe(path)

@@ -68,6 +68,8 @@ def load_model(
     """Load a model with weights, from safetensors only unless `allow_pickle` is set."""
     config = load_config(source, trust_remote_code=trust_remote_code)
     auto_class = model_class_for(config)
+    if device_map is None:
+        check_memory(config, dtype)
     path = Path(source)
     if path.is_dir() and not allow_pickle and not any(path.glob("*.safetensors")):
         if any(path.glob("*.bin")) or any(path.glob("*.pt")):
@@ -139,3 +141,40 @@ def max_positions(config) -> int | None:
     text_config = getattr(config, "get_text_config", lambda: config)()
     value = getattr(text_config, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
+
+
+_BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def estimate_weight_bytes(config, dtype: str = "auto") -> int:
+    """Estimate the memory the weights need: parameter count (from a meta-device build) x bytes per value."""
+    skeleton = build_skeleton(config)
+    count = sum(parameter.numel() for parameter in skeleton.parameters())
+    if dtype == "auto":
+        configured = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = str(configured).removeprefix("torch.") if configured is not None else "float32"
+    return count * _BYTES_PER_DTYPE.get(dtype, 4)
+
+
+def available_memory_bytes() -> int | None:
+    """Return the memory available to new allocations (Linux ``MemAvailable``), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(config, dtype: str = "auto") -> None:
+    """Raise `InvalidInputError` before loading when the weights alone cannot fit in available memory."""
+    needed = estimate_weight_bytes(config, dtype)
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        gib = 2**30
+        raise InvalidInputError(
+            f"the model needs about {needed / gib:.1f} GiB for its weights but {available / gib:.1f} GiB is "
+            "available; pass --dtype bfloat16, --device-map auto, or use a machine with more memory."
+        )

@@ -147,3 +147,52 @@ def test_unavailable_device(model_dir, tmp_path):
 
     assert result.exit_code == 2
     assert "--device cuda is not available" in result.stderr
+
+
+def test_sigint_leaves_no_partial_recipe(model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    output = tmp_path / "out" / "recipe.yaml"
+    output.parent.mkdir()
+    command = [
+        sys.executable,
+        "-m",
+        "gemoe_cli",
+        "--verbose",
+        "calibrate",
+        model_dir,
+        "--target-sparsity",
+        "0.3",
+        "--num-samples",
+        "4000",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "-o",
+        str(output),
+        "--report",
+        str(tmp_path / "out" / "report.json"),
+    ]
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+    deadline = time.monotonic() + 120
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "adaptive routing attached" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    stderr = "".join(seen) + process.stderr.read()
+    code = process.wait(timeout=120)
+
+    assert any("adaptive routing attached" in line for line in seen), stderr[-2000:]
+    assert code == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    assert list(output.parent.iterdir()) == []

@@ -13,7 +13,7 @@ from pathlib import Path
 from gemoe_cli.errors import InvalidInputError, UnsupportedModelError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel")
+_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModel")
 
 
 def load_config(source: str, trust_remote_code: bool = False):
@@ -41,8 +41,8 @@ def model_class_for(config):
     import transformers
 
     for name in _AUTO_CLASSES:
-        auto_class = getattr(transformers, name)
-        if type(config) in auto_class._model_mapping:
+        auto_class = getattr(transformers, name, None)
+        if auto_class is not None and type(config) in auto_class._model_mapping:
             return auto_class
     raise UnsupportedModelError(
         f"model type {config.model_type!r} has no causal-LM, image-text-to-text or base model class in transformers."
@@ -54,7 +54,14 @@ def build_skeleton(config):
     import torch
 
     with torch.device("meta"):
-        return model_class_for(config).from_config(config)
+        try:
+            return model_class_for(config).from_config(config)
+        except (AttributeError, ValueError, TypeError):
+            # Omni models whose full build fails in transformers 5.23 (the talker) still have a thinker to inspect.
+            thinker = getattr(config, "thinker_config", None)
+            if thinker is None:
+                raise
+            return model_class_for(thinker).from_config(thinker)
 
 
 def load_model(

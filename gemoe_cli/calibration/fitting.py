@@ -10,7 +10,12 @@ Two policies:
   multiplier `lam` for all layers equalises the marginal quality cost of a removed expert activation,
   so sparsity goes where it is cheapest. `lam` is found by bisection to hit the target.
 
-Both return thresholds for ``k = clamp(k_min + #{j : H > tau_j}, k_min, k_max)``.
+Both return thresholds for ``k = clamp(k_min + #{j : H > tau_j}, k_min, k_max)``. A layer that saw no
+calibration token (the vision experts of Ernie 4.5 VL on text data, Qwen3-Omni's talker) gets all ``-inf``
+thresholds: static top-k, since nothing was measured to justify dropping experts there.
+
+The statistics may be keyed by (layer, modality) pairs (`statistics.keyed_by_modality`); each pair is then
+fitted as a layer of its own, so sparsity goes to the modality where it costs least.
 """
 
 from __future__ import annotations
@@ -66,15 +71,71 @@ def _predicted_sparsity(statistics: CalibrationStatistics, bin_ks: Mapping[str, 
     return 1.0 - active / static if static else 0.0
 
 
-def _bisect(predict, target: float, low: float, high: float) -> float:
-    """Find the parameter whose predicted sparsity is closest to `target`; `predict` must be increasing."""
+def _bracket(predict, target: float, low: float, high: float) -> tuple[float, float]:
+    """Narrow [low, high] around the parameter where the increasing `predict` crosses `target`."""
     for _ in range(_BISECTION_STEPS):
         middle = 0.5 * (low + high)
         if predict(middle) < target:
             low = middle
         else:
             high = middle
-    return high if abs(predict(high) - target) <= abs(predict(low) - target) else low
+    return low, high
+
+
+def _tokens_above(layer: LayerStatistics, threshold: float) -> float:
+    """Return how many tokens have entropy above `threshold`, counting tokens spread evenly inside a bin."""
+    position = threshold / layer.bin_width
+    if position < 0:
+        return float(layer.tokens)
+    if position >= layer.num_bins:
+        return 0.0
+    index = int(position)
+    return float(layer.counts[index + 1 :].sum()) + float(layer.counts[index]) * (1.0 - (position - index))
+
+
+def predicted_sparsity(statistics: CalibrationStatistics, thresholds: Mapping[str, list[float]], k_min: int) -> float:
+    """Return the sparsity that `thresholds` give on the statistics, with thresholds anywhere inside a bin."""
+    active = static = 0.0
+    for path, layer in statistics.layers.items():
+        if layer.tokens == 0:
+            continue
+        active += k_min * layer.tokens + sum(_tokens_above(layer, value) for value in thresholds[path])
+        static += layer.top_k * layer.tokens
+    return 1.0 - active / static if static else 0.0
+
+
+def _interpolated_fit(statistics, bin_ks_low, bin_ks_high, target, k_min, k_max) -> Fit:
+    """Blend the thresholds of the two bracketing solutions so predicted sparsity meets `target`.
+
+    A bin-level solution jumps when a crowded bin changes its k; moving the threshold inside that bin (its
+    tokens assumed spread evenly) makes sparsity continuous in the blend.
+    """
+    below, above = {}, {}
+    for path, layer in statistics.layers.items():
+        top = _layer_k_max(layer, k_max)
+        # Entropy lies in [0, log E], so clamping infinities to just outside that range changes no decision.
+        low_end, high_end = -layer.bin_width, layer.max_entropy + layer.bin_width
+        below[path] = np.clip(thresholds_from_bin_k(layer, bin_ks_low[path], k_min, top), low_end, high_end)
+        above[path] = np.clip(thresholds_from_bin_k(layer, bin_ks_high[path], k_min, top), low_end, high_end)
+
+    def blend(fraction: float) -> dict[str, list[float]]:
+        return {path: list(below[path] + fraction * (above[path] - below[path])) for path in below}
+
+    low, high = _bracket(lambda fraction: predicted_sparsity(statistics, blend(fraction), k_min), target, 0.0, 1.0)
+    fraction = high if predicted_sparsity(statistics, blend(high), k_min) <= target + 1e-9 else low
+    thresholds = {
+        path: [_restore_infinity(value, statistics.layers[path]) for value in values]
+        for path, values in blend(fraction).items()
+    }
+    return Fit(thresholds, predicted_sparsity(statistics, thresholds, k_min))
+
+
+def _restore_infinity(value: float, layer: LayerStatistics) -> float:
+    if value < 0:
+        return -math.inf
+    if value > layer.max_entropy:
+        return math.inf
+    return float(value)
 
 
 def _check_target(target: float) -> None:
@@ -92,6 +153,9 @@ def fit_uniform_quantile(
         result = {}
         for path, layer in statistics.layers.items():
             top = _layer_k_max(layer, k_max)
+            if layer.tokens == 0:
+                result[path] = np.full(layer.num_bins, top)
+                continue
             cumulative = np.cumsum(layer.counts) / max(layer.tokens, 1)
             below = np.concatenate([[0.0], cumulative[:-1]])  # share of tokens in lower bins
             # A bin belongs to level j when its tokens lie above the quantile ``min(1, j * q)``.
@@ -101,13 +165,8 @@ def fit_uniform_quantile(
         return result
 
     # Sparsity falls as q grows: q = 0 puts every token above all quantiles (k_max).
-    q = _bisect(lambda value: _predicted_sparsity(statistics, bin_ks(value)), target, 0.0, 1.0)
-    ks = bin_ks(q)
-    thresholds = {
-        path: thresholds_from_bin_k(layer, ks[path], k_min, _layer_k_max(layer, k_max))
-        for path, layer in statistics.layers.items()
-    }
-    return Fit(thresholds, _predicted_sparsity(statistics, ks))
+    low, high = _bracket(lambda value: _predicted_sparsity(statistics, bin_ks(value)), target, 0.0, 1.0)
+    return _interpolated_fit(statistics, bin_ks(low), bin_ks(high), target, k_min, k_max)
 
 
 def fit_allocated(
@@ -131,6 +190,9 @@ def fit_allocated(
         result = {}
         for path, layer in statistics.layers.items():
             top = _layer_k_max(layer, k_max)
+            if layer.tokens == 0:
+                result[path] = np.full(layer.num_bins, top)
+                continue
             choices = np.arange(k_min, top + 1)
             objective = costs[path] * tables[path][:, choices] + multiplier * choices[None, :]  # (B, choices)
             chosen = choices[np.argmin(objective, axis=1)]
@@ -140,15 +202,8 @@ def fit_allocated(
         return result
 
     # Sparsity grows with the multiplier; search it on a log scale.
-    log_multiplier = _bisect(
-        lambda value: _predicted_sparsity(statistics, bin_ks(math.exp(value))), target, -30.0, 10.0
-    )
-    ks = bin_ks(math.exp(log_multiplier))
-    thresholds = {
-        path: thresholds_from_bin_k(layer, ks[path], k_min, _layer_k_max(layer, k_max))
-        for path, layer in statistics.layers.items()
-    }
-    return Fit(thresholds, _predicted_sparsity(statistics, ks))
+    low, high = _bracket(lambda value: _predicted_sparsity(statistics, bin_ks(math.exp(value))), target, -30.0, 10.0)
+    return _interpolated_fit(statistics, bin_ks(math.exp(low)), bin_ks(math.exp(high)), target, k_min, k_max)
 
 
 def max_sparsity(statistics: CalibrationStatistics, k_min: int = 1) -> float:

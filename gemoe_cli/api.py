@@ -77,4 +77,5 @@ def apply_recipe(
         k_max=recipe.resolved_k_max,
         renormalize=recipe.routing.renormalize,
         sparse_dispatch=sparse_dispatch,
+        modality_thresholds={path: layer.modalities for path, layer in recipe.layers.items() if layer.modalities},
     )

@@ -33,9 +33,13 @@ def _encode_threshold(value: float) -> float | str:
 
 
 def gemoe_config_section(recipe: Recipe) -> dict:
-    """Return the ``gemoe`` section of config.json for a recipe."""
+    """Return the ``gemoe`` section of config.json for a recipe.
+
+    Per-modality thresholds, when the recipe has them, go under ``modality_thresholds`` (path -> modality ->
+    thresholds); loaders that predate them ignore the key and route every token with ``thresholds``.
+    """
     measured = (recipe.calibration or {}).get("measured", {})
-    return {
+    section = {
         "format_version": 1,
         "tool": f"gemoe {__version__}",
         "k_min": recipe.routing.k_min,
@@ -46,6 +50,21 @@ def gemoe_config_section(recipe: Recipe) -> dict:
         },
         "router_fingerprint": recipe.model.router_fingerprint,
         "measured": measured,
+    }
+    if recipe.per_modality:
+        section["modality_thresholds"] = {
+            path: {name: [_encode_threshold(value) for value in values] for name, values in layer.modalities.items()}
+            for path, layer in recipe.layers.items()
+            if layer.modalities
+        }
+    return section
+
+
+def modality_thresholds_from_section(settings: dict) -> dict[str, dict[str, list[float]]]:
+    """Return the per-modality thresholds of a ``gemoe`` config section as floats (empty when it has none)."""
+    return {
+        path: {name: [float(value) for value in values] for name, values in by_modality.items()}
+        for path, by_modality in settings.get("modality_thresholds", {}).items()
     }
 
 
@@ -107,8 +126,16 @@ lm_eval --model hf --model_args pretrained=path/to/this/directory,trust_remote_c
 
 
 def _save_preprocessors(source: str, directory: Path, trust_remote_code: bool) -> list[str]:
-    """Copy the tokenizer and, for multimodal models, the processor; return what was saved."""
+    """Copy the tokenizer and, for multimodal models, the processor; return what was saved.
+
+    Processor files that transformers cannot load here (a video processor without torchvision) are copied
+    as files from a local source directory, so the checkpoint keeps its image processor and chat template.
+    """
+    import shutil
+
     from transformers import AutoProcessor, AutoTokenizer
+
+    from gemoe_cli.vlm import CHAT_TEMPLATE_FILE, PROCESSOR_FILES
 
     saved = []
     try:
@@ -121,8 +148,15 @@ def _save_preprocessors(source: str, directory: Path, trust_remote_code: bool) -
         if not hasattr(processor, "model_input_names") or type(processor).__name__.endswith("Processor"):
             processor.save_pretrained(directory)
             saved.append("processor")
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError):
         pass
+    source_path = Path(source)
+    if "processor" not in saved and source_path.is_dir():
+        copied = [name for name in (*PROCESSOR_FILES, CHAT_TEMPLATE_FILE) if (source_path / name).is_file()]
+        for name in copied:
+            shutil.copyfile(source_path / name, directory / name)
+        if copied:
+            saved.append("processor files")
     return saved
 
 
@@ -146,9 +180,10 @@ def convert(
         RecipeMismatchError: the recipe describes another model.
     """
     from gemoe_cli.api import apply_recipe
-    from gemoe_cli.models import load_model, model_class_for
+    from gemoe_cli.models import load_model
     from gemoe_cli.recipe import recipe_to_yaml
     from gemoe_cli.remote_code import generate_remote_code
+    from gemoe_cli.vlm import auto_class_name
 
     output = Path(output)
     if output.exists() and not force:
@@ -160,7 +195,7 @@ def convert(
     # Attaching validates the recipe against the model; the saved weights stay the original ones.
     apply_recipe(model, recipe, ignore_fingerprint=ignore_fingerprint).remove()
 
-    auto_class = model_class_for(model.config).__name__
+    auto_class = auto_class_name(model.config)
     base_class = type(model).__name__
     with atomic_directory(output, force=force) as directory:
         model.config.gemoe = gemoe_config_section(recipe)
@@ -209,5 +244,6 @@ def load_adaptive_model(path: str | Path, **load_options):
         k_min=int(settings["k_min"]),
         k_max=None if settings.get("k_max") is None else int(settings["k_max"]),
         renormalize=settings["renormalize"],
+        modality_thresholds=modality_thresholds_from_section(settings),
     )
     return model

@@ -37,9 +37,19 @@ def _looks_like_path(source: str) -> bool:
 
 
 def model_class_for(config):
-    """Return the transformers auto class that builds this config's full model (causal LM first)."""
+    """Return the transformers class that builds this config's full model.
+
+    Vision-language configs get their image-text-to-text class, vision tower included
+    (`gemoe_cli.vlm.vision_language_class`). Other configs get the first auto class that maps them, tried in
+    the order of `_AUTO_CLASSES`.
+    """
     import transformers
 
+    from gemoe_cli.vlm import vision_language_class
+
+    vision_language = vision_language_class(config)
+    if vision_language is not None:
+        return vision_language
     for name in _AUTO_CLASSES:
         auto_class = getattr(transformers, name, None)
         if auto_class is not None and type(config) in auto_class._model_mapping:

@@ -1,7 +1,8 @@
 """Recipe: the versioned file that sets how adaptive routing behaves on one model.
 
 A recipe names the model it was calibrated for (`ModelIdentity`), the routing settings (`k_min`,
-`k_max`, `renormalize`) and, per MoE layer, the gating-entropy thresholds. Recipes are stored as YAML
+`k_max`, `renormalize`) and, per MoE layer, the gating-entropy thresholds. A layer of a vision-language
+model may also carry thresholds per token modality (`LayerRecipe.modalities`). Recipes are stored as YAML
 or JSON and validated on load and before save, so a recipe file on disk is always a valid one.
 
 This module imports neither torch nor transformers at import time, so the CLI starts fast.
@@ -90,10 +91,17 @@ class RoutingSettings(_RecipeSection):
         return self.k_max if self.k_max is not None else top_k
 
 
+Modality = Literal["text", "image", "video", "audio"]
+"""A token modality, as `gemoe_cli.routing.modality` names it."""
+
+
 class LayerRecipe(_RecipeSection):
     """Thresholds of one MoE layer: `k_max - k_min` gating-entropy values in nats, non-decreasing."""
 
     thresholds: list[Threshold]
+    """Thresholds for every token whose modality has no entry in `modalities`."""
+    modalities: dict[Modality, list[Threshold]] | None = None
+    """Thresholds for the tokens of one modality (vision-language models), each list like `thresholds`."""
 
 
 class Recipe(_RecipeSection):
@@ -114,6 +122,11 @@ class Recipe(_RecipeSection):
     checksum: str | None = None
     """SHA-256 of the recipe's other content, written on save. A mismatch on load means the file was
     edited by hand: it is still used (if valid), with a warning."""
+
+    @property
+    def per_modality(self) -> bool:
+        """Whether any layer has thresholds for a token modality."""
+        return any(layer.modalities for layer in self.layers.values())
 
     @property
     def resolved_k_max(self) -> int:
@@ -140,10 +153,14 @@ class Recipe(_RecipeSection):
         k_max = self.resolved_k_max
         problems = []
         for path, layer in self.layers.items():
-            try:
-                validate_thresholds(layer.thresholds, k_min, k_max, where=f"layers[{path}].thresholds")
-            except InvalidInputError as error:
-                problems.append(str(error))
+            lists = {f"layers[{path}].thresholds": layer.thresholds}
+            for modality, values in (layer.modalities or {}).items():
+                lists[f"layers[{path}].modalities[{modality}]"] = values
+            for where, values in lists.items():
+                try:
+                    validate_thresholds(values, k_min, k_max, where=where)
+                except InvalidInputError as error:
+                    problems.append(str(error))
         if problems:
             message = problems[0]
             if len(problems) > 1:

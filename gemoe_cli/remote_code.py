@@ -23,6 +23,7 @@ ROUTING_MODULES = (
     "gemoe_cli.routing.builtin_families",
     "gemoe_cli.routing.discovery",
     "gemoe_cli.routing.dispatch",
+    "gemoe_cli.routing.modality",
     "gemoe_cli.routing.adaptive",
 )
 
@@ -59,6 +60,13 @@ def _gemoe_thresholds(settings: dict) -> dict:
     return {{path: [float(value) for value in values] for path, values in settings["thresholds"].items()}}
 
 
+def _gemoe_modality_thresholds(settings: dict) -> dict:
+    return {{
+        path: {{name: [float(value) for value in values] for name, values in by_modality.items()}}
+        for path, by_modality in settings.get("modality_thresholds", {{}}).items()
+    }}
+
+
 def attach_from_config(model):
     """Attach the adaptive routing stored in `model.config.gemoe` and return its handle."""
     settings = model.config.gemoe
@@ -68,6 +76,7 @@ def attach_from_config(model):
         k_min=int(settings["k_min"]),
         k_max=None if settings.get("k_max") is None else int(settings["k_max"]),
         renormalize=settings["renormalize"],
+        modality_thresholds=_gemoe_modality_thresholds(settings),
     )
 
 

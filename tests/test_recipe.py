@@ -675,3 +675,51 @@ def test_truncated_recipe_rejected(tmp_path):
 
     with pytest.raises(InvalidInputError, match="recipe.yaml"):
         load_recipe(path)
+
+
+# --- thresholds per token modality ----------------------------------------------------------------------
+
+
+def make_modality_recipe() -> Recipe:
+    recipe = make_recipe()
+    layers = dict(recipe.layers)
+    layers[LAYER_PATHS[0]] = LayerRecipe(
+        thresholds=[-math.inf, -math.inf], modalities={"image": [0.5, 1.5], "text": [0.2, math.inf]}
+    )
+    return recipe.model_copy(update={"layers": layers})
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_modality_thresholds_round_trip(tmp_path: Path, suffix: str) -> None:
+    recipe = make_modality_recipe()
+    path = tmp_path / f"recipe{suffix}"
+
+    save_recipe(recipe, path)
+    loaded = load_recipe(path)
+
+    assert loaded.per_modality
+    assert loaded.layers[LAYER_PATHS[0]].modalities == {"image": [0.5, 1.5], "text": [0.2, math.inf]}
+    assert loaded.layers[LAYER_PATHS[1]].modalities is None
+    assert not make_recipe().per_modality
+
+
+def test_modality_thresholds_validated_like_thresholds() -> None:
+    with pytest.raises(InvalidInputError, match=r"layers\[model.layers.0.mlp\].modalities\[image\] has 1 values"):
+        Recipe(
+            model=make_identity(),
+            layers={LAYER_PATHS[0]: LayerRecipe(thresholds=[0.0, 1.0], modalities={"image": [0.5]})},
+        )
+    with pytest.raises(InvalidInputError, match=r"modalities\[text\] must be non-decreasing"):
+        Recipe(
+            model=make_identity(),
+            layers={LAYER_PATHS[0]: LayerRecipe(thresholds=[0.0, 1.0], modalities={"text": [1.0, 0.5]})},
+        )
+
+
+def test_unknown_modality_rejected_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    text = recipe_to_yaml(make_modality_recipe()).replace("image:", "pixels:")
+    path.write_text(text, encoding="utf-8")
+
+    with pytest.raises(InvalidInputError, match=r"modalities.pixels"):
+        load_recipe(path)

@@ -9,20 +9,29 @@
 4. Measure sparsity and retention of the adaptive model on the held-out part.
 
 With a retention budget, the sparsity target is searched by bisection on held-out retention.
+
+With `per_modality`, each (layer, modality) pair of a vision-language model is fitted as a layer of its own:
+image tokens and text tokens get separate thresholds, and one Lagrange multiplier spreads the sparsity over
+layers and modalities by measured cost. The pairs are keyed ``path@modality`` (`statistics.modality_key`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from gemoe_cli.calibration.data import CalibrationData
 from gemoe_cli.calibration.fitting import Fit, fit_allocated, fit_uniform_quantile, max_sparsity
-from gemoe_cli.calibration.retention import Evaluation, Metric, evaluate, mean_nll
-from gemoe_cli.calibration.statistics import CalibrationStatistics, StatisticsCollector
+from gemoe_cli.calibration.retention import Evaluation, Metric, evaluate, mean_nll, model_forward
+from gemoe_cli.calibration.statistics import (
+    CalibrationStatistics,
+    StatisticsCollector,
+    keyed_by_modality,
+    split_modality_key,
+)
 from gemoe_cli.errors import InvalidInputError
 from gemoe_cli.routing import AdaptiveRouting
 
@@ -39,7 +48,12 @@ Policy = str  # "allocated" or "uniform"
 
 @dataclass
 class CalibrationResult:
-    """Fitted thresholds and everything measured on the way."""
+    """Fitted thresholds and everything measured on the way.
+
+    `thresholds` hold each layer's shared thresholds. With a per-modality fit they are all ``-inf`` (static
+    routing for tokens of a modality the calibration data did not have), and `modality_thresholds` holds the
+    fitted ones by layer and modality name.
+    """
 
     thresholds: dict[str, list[float]]
     target_sparsity: float
@@ -51,21 +65,25 @@ class CalibrationResult:
     drift_rounds: int
     heldout_counters: dict = field(default_factory=dict)
     search: list[dict] = field(default_factory=list)
+    modality_thresholds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 Progress = Callable[[str, torch.Tensor], None]
 
 
 def collect_statistics(model, routing: AdaptiveRouting, batches, *, static: bool, progress: Progress | None = None):
-    """Run `batches` and return (statistics, measured sparsity); with `static`, routing stays static."""
+    """Run `batches` and return (statistics, measured sparsity); with `static`, routing stays static.
+
+    A batch is a (B, L) tensor of token ids or a `MultimodalBatch` (image+text sample).
+    """
     routing.reset_counters()
     with StatisticsCollector(routing) as collector, torch.no_grad():
         for batch in batches:
             if static:
                 with routing.static():
-                    model(input_ids=batch.to(_device(model)), use_cache=False)
+                    model_forward(model, batch.to(_device(model)))
             else:
-                model(input_ids=batch.to(_device(model)), use_cache=False)
+                model_forward(model, batch.to(_device(model)))
             if progress is not None:
                 progress("statistics", batch)
     return collector.statistics, (0.0 if static else routing.sparsity())
@@ -73,6 +91,25 @@ def collect_statistics(model, routing: AdaptiveRouting, batches, *, static: bool
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def fit_view(statistics: CalibrationStatistics, per_modality: bool) -> CalibrationStatistics:
+    """Return the statistics a fit works on: per layer, or per (layer, modality) pair."""
+    return keyed_by_modality(statistics) if per_modality else statistics
+
+
+def apply_thresholds(routing: AdaptiveRouting, thresholds: Mapping[str, list[float]]) -> None:
+    """Set fitted thresholds, keyed by layer path or by ``path@modality``, on the attached routing."""
+    shared: dict[str, list[float]] = {}
+    by_modality: dict[str, dict[str, list[float]]] = {}
+    for key, values in thresholds.items():
+        path, modality = split_modality_key(key)
+        if modality is None:
+            shared[path] = values
+        else:
+            by_modality.setdefault(path, {})[modality] = values
+    routing.set_thresholds(shared)
+    routing.set_modality_thresholds(by_modality)
 
 
 def measure_layer_costs(
@@ -86,29 +123,38 @@ def measure_layer_costs(
 ) -> dict[str, float]:
     """Return each layer's NLL increase per unit of dropped routing mass per token, measured in isolation.
 
-    Each layer gets thresholds for `probe_sparsity` on its own while the others stay static.
+    Each layer (or ``path@modality`` pair, for per-modality statistics) gets thresholds for `probe_sparsity`
+    on its own while everything else stays static. A layer that saw no tokens gets cost 1; it is never fitted.
     """
     batches = batches[: max(1, COST_PROBE_BLOCKS // max(1, batches[0].size(0)))]
     with routing.static():
         reference = mean_nll(model, batches)
 
     costs = {}
-    for path, layer in routing.layers.items():
-        single = CalibrationStatistics({path: statistics.layers[path]})
+    for key, layer_statistics in statistics.layers.items():
+        if layer_statistics.tokens == 0:
+            costs[key] = 1.0
+            continue
+        path, modality = split_modality_key(key)
+        layer = routing.layers[path]
+        single = CalibrationStatistics({key: layer_statistics})
         probe = fit_allocated(single, min(probe_sparsity, max_sparsity(single, k_min)), k_min=k_min, k_max=k_max)
-        previous_thresholds = layer.thresholds.tolist()
+        previous = (layer.thresholds, layer.modality_thresholds)
         others = {other: routing.layers[other].enabled for other in routing.layers}
         try:
-            layer.set_thresholds(probe.thresholds[path])
+            if modality is None:
+                layer.set_thresholds(probe.thresholds[key])
+            else:
+                layer.set_modality_thresholds({modality: probe.thresholds[key]})
             for other_path, other in routing.layers.items():
                 other.enabled = other_path == path
             nll = mean_nll(model, batches)
         finally:
-            layer.set_thresholds(previous_thresholds)
+            layer.thresholds, layer.modality_thresholds = previous
             for other_path, other in routing.layers.items():
                 other.enabled = others[other_path]
-        dropped = _predicted_dropped_mass(statistics.layers[path], probe.thresholds[path], k_min)
-        costs[path] = max(nll - reference, 1e-6) / max(dropped, 1e-9)
+        dropped = _predicted_dropped_mass(layer_statistics, probe.thresholds[key], k_min)
+        costs[key] = max(nll - reference, 1e-6) / max(dropped, 1e-9)
     return costs
 
 
@@ -133,6 +179,7 @@ def fit_with_drift(
     k_min: int,
     k_max: int | None,
     progress: Progress | None = None,
+    per_modality: bool = False,
 ) -> tuple[Fit, CalibrationStatistics, float, int]:
     """Fit thresholds, then correct them for drift until the adaptive model's measured sparsity is on target.
 
@@ -141,6 +188,8 @@ def fit_with_drift(
     sparsity (regula falsi on the measured sparsity) until it is within `SPARSITY_TOLERANCE` of `target`.
 
     Returns the fit, the statistics it was fitted on, the measured fit-part sparsity and the rounds used.
+    With `per_modality`, the fit works on `fit_view(statistics, True)` and its thresholds are keyed
+    ``path@modality``; the statistics returned are the full ones.
     """
     ceiling = max_sparsity(statistics, k_min)
     aim = target
@@ -148,11 +197,12 @@ def fit_with_drift(
     best = None
     for round_number in range(1, MAX_DRIFT_ROUNDS + 1):
         aim = min(max(aim, 0.0), ceiling)
+        view = fit_view(statistics, per_modality)
         if policy == "uniform":
-            fit = fit_uniform_quantile(statistics, aim, k_min, k_max)
+            fit = fit_uniform_quantile(view, aim, k_min, k_max)
         else:
-            fit = fit_allocated(statistics, aim, layer_costs, k_min, k_max)
-        routing.set_thresholds(fit.thresholds)
+            fit = fit_allocated(view, aim, layer_costs, k_min, k_max)
+        apply_thresholds(routing, fit.thresholds)
         drifted, measured = collect_statistics(model, routing, batches, static=False, progress=progress)
         logger.info("drift round %d: aimed %.4f, measured %.4f", round_number, aim, measured)
 
@@ -169,7 +219,7 @@ def fit_with_drift(
         aim = _next_aim(points, target, aim, measured)
 
     _, fit, fitted_on, measured = best
-    routing.set_thresholds(fit.thresholds)
+    apply_thresholds(routing, fit.thresholds)
     return fit, fitted_on, measured, round_number
 
 
@@ -201,11 +251,16 @@ def calibrate(
     batch_size: int = 8,
     policy: Policy = "allocated",
     progress: Progress | None = None,
+    per_modality: bool = False,
 ) -> CalibrationResult:
     """Fit thresholds on `data.fit` for a sparsity and/or retention budget, measured on `data.heldout`.
 
+    `data` is a `CalibrationData` (token blocks) or a `MultimodalCalibrationData` (image+text samples).
+    With `per_modality`, image and text tokens get thresholds of their own (see the module docstring).
+
     Raises:
-        InvalidInputError: the budget is unreachable (the message gives the reachable frontier).
+        InvalidInputError: the budget is unreachable (the message gives the reachable frontier), or
+            `per_modality` is set but the statistics hold a single modality.
     """
     if target_sparsity is None and min_retention is None:
         raise InvalidInputError("no budget given; pass --target-sparsity, --min-retention or both.")
@@ -213,6 +268,12 @@ def calibrate(
     heldout_batches = data.batches("heldout", batch_size)
 
     static_statistics, _ = collect_statistics(model, routing, fit_batches, static=True, progress=progress)
+    if per_modality and len(static_statistics.modalities) < 2:
+        seen = ", ".join(static_statistics.modalities) or "none (a text-only model)"
+        raise InvalidInputError(
+            f"--per-modality needs a vision-language model and image+text data, but the calibration tokens had "
+            f"one modality ({seen}); drop --per-modality or use image+text data."
+        )
     ceiling = max_sparsity(static_statistics, k_min)
     if target_sparsity is not None and target_sparsity > ceiling:
         raise InvalidInputError(
@@ -223,7 +284,9 @@ def calibrate(
     probe = target_sparsity if target_sparsity is not None else 0.3
     costs = None
     if policy == "allocated":
-        costs = measure_layer_costs(model, routing, static_statistics, fit_batches, probe, k_min, k_max)
+        costs = measure_layer_costs(
+            model, routing, fit_view(static_statistics, per_modality), fit_batches, probe, k_min, k_max
+        )
 
     def run(target: float) -> tuple[Fit, CalibrationStatistics, float, int, Evaluation]:
         fit, drifted, measured, rounds = fit_with_drift(
@@ -237,6 +300,7 @@ def calibrate(
             k_min=k_min,
             k_max=k_max,
             progress=progress,
+            per_modality=per_modality,
         )
         heldout = evaluate(model, routing, heldout_batches)
         return fit, drifted, measured, rounds, heldout
@@ -257,8 +321,10 @@ def calibrate(
     else:
         target, fit, drifted, measured, rounds, heldout = _search_retention(run, min_retention, metric, ceiling, search)
 
+    shared, by_modality = _split_thresholds(routing, fit.thresholds)
     return CalibrationResult(
-        thresholds=fit.thresholds,
+        thresholds=shared,
+        modality_thresholds=by_modality,
         target_sparsity=target,
         fit_sparsity=measured,
         heldout=heldout,
@@ -269,6 +335,24 @@ def calibrate(
         heldout_counters={path: counters.__dict__ for path, counters in routing.counters().items()},
         search=search,
     )
+
+
+def _split_thresholds(routing: AdaptiveRouting, thresholds: Mapping[str, list[float]]):
+    """Return (shared thresholds per layer, thresholds per layer and modality) of a fit.
+
+    A per-modality fit leaves each layer's shared thresholds at the values routing has (all ``-inf``).
+    """
+    shared: dict[str, list[float]] = {}
+    by_modality: dict[str, dict[str, list[float]]] = {}
+    for key, values in thresholds.items():
+        path, modality = split_modality_key(key)
+        if modality is None:
+            shared[path] = values
+        else:
+            by_modality.setdefault(path, {})[modality] = values
+    for path, layer in routing.layers.items():
+        shared.setdefault(path, layer.thresholds.tolist())
+    return shared, by_modality
 
 
 def _search_point(target: float, heldout: Evaluation, metric: Metric) -> dict:

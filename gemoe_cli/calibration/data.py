@@ -8,6 +8,10 @@ Sources, chosen with `--dataset`:
 - ``hf:NAME[:CONFIG][:SPLIT]`` through the optional `datasets` package (the only source that may reach
   the network).
 
+Image+text datasets (`gemoe_cli.calibration.images`) feed vision-language models through
+`gemoe_cli.calibration.multimodal`. Given to a text-only model, their samples with an image are bad samples
+(see `gemoe_cli.calibration.bad_samples`) and the others are read as text.
+
 Samples are tokenized, joined with the end-of-sequence token and cut into blocks of `seq_len` tokens.
 Blocks are shuffled with the seed and split deterministically; the held-out part is used only to
 measure retention.
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from gemoe_cli.calibration.bad_samples import BadSamples, SampleError
 from gemoe_cli.errors import InvalidInputError
 
 BUILTIN = "builtin"
@@ -37,14 +42,32 @@ class CalibrationData:
     heldout: torch.Tensor  # (N_heldout, L)
     samples_read: int
     tokens_available: int
+    bad_samples: dict | None = None
+
+    @property
+    def fit_count(self) -> int:
+        return int(self.fit.size(0))
+
+    @property
+    def heldout_count(self) -> int:
+        return int(self.heldout.size(0))
 
     def batches(self, part: str, batch_size: int) -> list[torch.Tensor]:
         blocks = self.fit if part == "fit" else self.heldout
         return [blocks[i : i + batch_size] for i in range(0, blocks.size(0), batch_size)]
 
 
-def read_samples(dataset: str) -> list[str | list[dict]]:
-    """Read raw samples: strings, or chat message lists to render later."""
+def read_samples(dataset: str, bad_samples: BadSamples | None = None) -> list[str | list[dict]]:
+    """Read raw samples: strings, or chat message lists to render later.
+
+    Samples with an image are bad samples for a text-only model: `bad_samples` counts them (when it skips)
+    or raises naming the first; without `bad_samples` the first one raises.
+    """
+    from gemoe_cli.calibration.images import is_image_text_dataset
+
+    bad_samples = bad_samples if bad_samples is not None else BadSamples(skip=False)
+    if is_image_text_dataset(dataset):
+        return _text_of_image_samples(dataset, bad_samples)
     if dataset == BUILTIN:
         text = resources.files("gemoe_cli.calibration").joinpath("data/builtin.jsonl").read_text("utf-8")
         return _parse_jsonl(text.splitlines(), "the built-in calibration set")
@@ -75,6 +98,33 @@ def read_samples(dataset: str) -> list[str | list[dict]]:
     return samples
 
 
+def _text_of_image_samples(dataset: str, bad_samples: BadSamples) -> list[str | list[dict]]:
+    from gemoe_cli.calibration.images import read_image_text_samples
+
+    samples: list[str | list[dict]] = []
+    for sample in read_image_text_samples(dataset):
+        if sample.images:
+            error = SampleError(
+                "image for a text-only model", "the sample has an image, but the model is text-only (no vision tower)"
+            )
+            bad_samples.add(sample.origin, error)
+            continue
+        samples.append([_text_only(message) for message in sample.messages])
+    if not samples:
+        raise InvalidInputError(
+            f"dataset {dataset} has no text-only samples for this text-only model ({bad_samples.total} samples "
+            "with images skipped); use a text dataset."
+        )
+    return samples
+
+
+def _text_only(message: dict) -> dict:
+    content = message["content"]
+    if isinstance(content, list):
+        content = "".join(item.get("text", "") for item in content if isinstance(item, dict))
+    return {**message, "content": content}
+
+
 def _parse_jsonl(lines: list[str], name: str) -> list[str | list[dict]]:
     samples: list[str | list[dict]] = []
     for number, line in enumerate(lines, start=1):
@@ -101,6 +151,18 @@ def _check_messages(messages: list, name: str, number: int) -> list[dict]:
 
 
 def _read_hub_dataset(dataset: str) -> list[str | list[dict]]:
+    loaded = load_hub_dataset(dataset)
+    if "text" in loaded.column_names:
+        return [row for row in loaded["text"] if isinstance(row, str) and row.strip()]
+    if "messages" in loaded.column_names:
+        return list(loaded["messages"])
+    raise InvalidInputError(
+        f"{dataset} has no 'text' or 'messages' column (columns: {', '.join(loaded.column_names)})."
+    )
+
+
+def load_hub_dataset(dataset: str):
+    """Load ``hf:NAME[:CONFIG][:SPLIT]`` (split ``train`` by default) with the `datasets` package."""
     parts = dataset[3:].split(":")
     if not parts[0] or len(parts) > 3:
         raise InvalidInputError(f"dataset {dataset} is invalid; use hf:NAME[:CONFIG][:SPLIT].")
@@ -114,16 +176,9 @@ def _read_hub_dataset(dataset: str) -> list[str | list[dict]]:
     except ImportError as error:
         raise InvalidInputError("hf: datasets need the `datasets` package; pip install 'gemoe[datasets]'.") from error
     try:
-        loaded = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as error:  # datasets raises many unrelated types for a missing or unreachable dataset.
         raise InvalidInputError(f"cannot load {dataset}: {str(error).splitlines()[0]}") from error
-    if "text" in loaded.column_names:
-        return [row for row in loaded["text"] if isinstance(row, str) and row.strip()]
-    if "messages" in loaded.column_names:
-        return list(loaded["messages"])
-    raise InvalidInputError(
-        f"{dataset} has no 'text' or 'messages' column (columns: {', '.join(loaded.column_names)})."
-    )
 
 
 def render(sample: str | list[dict], tokenizer) -> str:
@@ -158,6 +213,7 @@ def build_calibration_data(
     seed: int,
     heldout_fraction: float,
     max_positions: int | None = None,
+    bad_samples: BadSamples | None = None,
 ) -> CalibrationData:
     """Tokenize, pack and split a dataset into `num_samples` blocks of `seq_len` tokens.
 
@@ -174,7 +230,7 @@ def build_calibration_data(
     if num_samples < 2:
         raise InvalidInputError(f"--num-samples {num_samples} is too small; use at least 2 (fit and held-out).")
 
-    samples = read_samples(dataset)
+    samples = read_samples(dataset, bad_samples)
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
 
@@ -198,4 +254,5 @@ def build_calibration_data(
     permutation = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))
     tensor = tensor[permutation]
     heldout = min(max(1, round(blocks * heldout_fraction)), blocks - 1)
-    return CalibrationData(dataset, tensor[heldout:], tensor[:heldout], len(samples), len(stream))
+    skipped = bad_samples.to_json() if bad_samples is not None and bad_samples.total else None
+    return CalibrationData(dataset, tensor[heldout:], tensor[:heldout], len(samples), len(stream), skipped)

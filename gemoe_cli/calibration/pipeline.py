@@ -1,4 +1,9 @@
-"""The whole `gemoe calibrate` run as one function: validate, load, calibrate, build recipe and report."""
+"""The whole `gemoe calibrate` run as one function: validate, load, calibrate, build recipe and report.
+
+Vision-language models calibrate on image+text samples (the built-in image set unless `dataset` names
+another); text-only models on token blocks. Both kinds of data are read, checked and encoded before the
+model loads, so a bad sample stops the run before any weight is read and nothing is written.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,11 @@ from pathlib import Path
 
 import torch
 
+from gemoe_cli.calibration.bad_samples import BadSamples
 from gemoe_cli.calibration.calibrate import CalibrationResult, calibrate
-from gemoe_cli.calibration.data import CalibrationData, build_calibration_data
+from gemoe_cli.calibration.data import BUILTIN, CalibrationData, build_calibration_data
+from gemoe_cli.calibration.images import BUILTIN_IMAGES, DEFAULT_PROMPT_TEMPLATE
+from gemoe_cli.calibration.multimodal import MultimodalCalibrationData
 from gemoe_cli.calibration.report import CalibrationSettings, build_recipe, build_report
 from gemoe_cli.errors import InvalidInputError
 from gemoe_cli.recipe import Recipe, RoutingSettings
@@ -36,21 +44,34 @@ class CalibrationOutcome:
         for column in ("layer", "thresholds", "sparsity", "k histogram"):
             table.add_column(column)
         for path, layer in self.report["layers"].items():
-            thresholds = ", ".join(f"{value:.3f}" for value in layer["thresholds"])
-            sparsity = layer["heldout_sparsity"]
-            table.add_row(
-                path, thresholds, "-" if sparsity is None else f"{sparsity:.3f}", str(layer["heldout_k_histogram"])
-            )
+            rows = [(path, layer)]
+            if self.recipe.per_modality:
+                # Per-modality recipes route every measured token with its modality's thresholds.
+                rows = [(f"{path} [{name}]", entry) for name, entry in layer.get("modalities", {}).items()]
+            for name, entry in rows:
+                thresholds = ", ".join(f"{value:.3f}" for value in entry["thresholds"])
+                sparsity = entry["heldout_sparsity"]
+                table.add_row(
+                    name, thresholds, "-" if sparsity is None else f"{sparsity:.3f}", str(entry["heldout_k_histogram"])
+                )
         console.print(table)
         heldout = self.result.heldout
         console.print(
             f"sparsity {heldout.sparsity:.4f} (fit part {self.result.fit_sparsity:.4f}), "
             f"{self.metric} retention {heldout.retention(self.metric):.4f} on {heldout.tokens} held-out tokens"
         )
+        if heldout.modality_sparsity:
+            by_modality = ", ".join(f"{name} {value:.4f}" for name, value in heldout.modality_sparsity.items())
+            console.print(f"held-out sparsity by modality: {by_modality}")
+        if heldout.exact_match is not None:
+            console.print(f"greedy answers identical to static routing: {heldout.exact_match:.4f} of samples")
+        skipped = self.report["data"].get("bad_samples") or {}
+        if skipped.get("skipped"):
+            console.print(f"skipped {skipped['skipped']} bad samples: {skipped['by_kind']}")
         console.print(f"recipe written to {recipe_path}" + (f", report to {report_path}" if report_path else ""))
 
 
-def _progress_bar(data: CalibrationData):
+def _progress_bar(data: CalibrationData | MultimodalCalibrationData):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -83,16 +104,26 @@ def run_calibration(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     show_progress: bool = True,
+    per_modality: bool = False,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    max_images: int | None = None,
+    skip_bad_samples: bool = False,
 ) -> CalibrationOutcome:
     """Calibrate `source` and return the recipe and report; writes nothing.
 
-    Everything cheap is checked before the model loads: the device, the config and family, the tokenizer,
-    the data and `--seq-len`.
+    Everything cheap is checked before the model loads: the device, the config and family, the tokenizer or
+    processor, every sample and `--seq-len`. `dataset=None` picks the built-in image set for
+    vision-language models and the built-in text set otherwise.
     """
     from gemoe_cli.api import model_identity
+    from gemoe_cli.calibration.data import load_hub_dataset
+    from gemoe_cli.calibration.images import is_image_text_dataset, read_image_text_samples, samples_from_rows
+    from gemoe_cli.calibration.multimodal import build_multimodal_data
     from gemoe_cli.inspection import describe_source
     from gemoe_cli.models import load_config, load_model, load_tokenizer, max_positions, resolve_device
     from gemoe_cli.routing import attach_adaptive_routing
+    from gemoe_cli.routing.modality import placeholder_token_ids
+    from gemoe_cli.vlm import family_of, load_processor
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -110,16 +141,54 @@ def run_calibration(
         raise InvalidInputError(f"--k-max {resolved_k_max} is greater than the model's K={top_k}; use at most {top_k}.")
 
     config = load_config(source, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    data = build_calibration_data(
-        dataset,
-        tokenizer,
-        num_samples=num_samples,
-        seq_len=seq_len,
-        seed=seed,
-        heldout_fraction=heldout_fraction,
-        max_positions=max_positions(config),
-    )
+    vision_language = family_of(config) is not None
+    dataset = dataset or (BUILTIN_IMAGES if vision_language else BUILTIN)
+    bad_samples = BadSamples(skip=skip_bad_samples)
+    hub_rows = None
+    if vision_language and dataset.startswith("hf:"):
+        hub_rows = load_hub_dataset(dataset)
+        image_text = any(column in hub_rows.column_names for column in ("image", "images"))
+    else:
+        image_text = vision_language and is_image_text_dataset(dataset)
+    if per_modality and not image_text:
+        raise InvalidInputError(
+            "--per-modality needs a vision-language model and image+text data; "
+            f"{'the model is text-only' if not vision_language else f'dataset {dataset} has no images'}."
+        )
+    if metric == "exact_match" and not image_text:
+        raise InvalidInputError("--metric exact_match needs image+text data with answers; use nll, agreement or kl.")
+
+    if image_text:
+        processor = load_processor(source, config, trust_remote_code=trust_remote_code)
+        samples = (
+            samples_from_rows(hub_rows, dataset)
+            if hub_rows is not None
+            else read_image_text_samples(dataset, prompt_template)
+        )
+        data = build_multimodal_data(
+            samples,
+            processor,
+            dataset,
+            placeholders={token for ids in placeholder_token_ids(config).values() for token in ids},
+            num_samples=num_samples,
+            seed=seed,
+            heldout_fraction=heldout_fraction,
+            max_images=max_images,
+            max_tokens=max_positions(config),
+            bad_samples=bad_samples,
+        )
+    else:
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+        data = build_calibration_data(
+            dataset,
+            tokenizer,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            seed=seed,
+            heldout_fraction=heldout_fraction,
+            max_positions=max_positions(config),
+            bad_samples=bad_samples,
+        )
     timings["data"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -144,6 +213,7 @@ def run_calibration(
                 batch_size,
                 policy,
                 show_progress,
+                per_modality,
             )
     finally:
         identity = model_identity(model, name_or_path=source)
@@ -161,15 +231,36 @@ def run_calibration(
         min_retention,
         metric,
         policy,
+        per_modality,
+        prompt_template if image_text and Path(dataset).is_dir() else None,
+        max_images,
     )
     routing_settings = RoutingSettings(k_min=k_min, k_max=k_max, renormalize=renormalize)
     recipe = build_recipe(result, identity, routing_settings, settings, data)
-    report = build_report(result, recipe, settings, timings)
+    report = build_report(
+        result,
+        recipe,
+        settings,
+        timings,
+        data_kind="image+text" if image_text else "text",
+        bad_samples=data.bad_samples,
+    )
     return CalibrationOutcome(recipe, report, result, metric)
 
 
 def _calibrate_with_progress(
-    model, routing, data, target_sparsity, min_retention, metric, k_min, k_max, batch_size, policy, show_progress
+    model,
+    routing,
+    data,
+    target_sparsity,
+    min_retention,
+    metric,
+    k_min,
+    k_max,
+    batch_size,
+    policy,
+    show_progress,
+    per_modality,
 ):
     kwargs = dict(
         target_sparsity=target_sparsity,
@@ -179,6 +270,7 @@ def _calibrate_with_progress(
         k_max=k_max,
         batch_size=batch_size,
         policy=policy,
+        per_modality=per_modality,
     )
     if not show_progress:
         return calibrate(model, routing, data, **kwargs)

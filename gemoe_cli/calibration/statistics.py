@@ -8,6 +8,11 @@ Error bounds:
 - entropy quantiles and threshold positions are exact up to one bin width, ``log(E) / B`` nats;
 - each token's dropped mass is rounded to a multiple of ``2**-20`` (error at most ``2**-21`` per token).
 
+For vision-language models the collector also keeps one `CalibrationStatistics` per token modality
+(``text``, ``image``, ...), so entropy and thresholds can be reported and fitted per modality.
+`keyed_by_modality` turns those into one statistics object whose entries are (layer, modality) pairs, the
+units a per-modality fit allocates sparsity between.
+
 Legend for shape comments: T tokens, K slots of the static selection, B bins.
 """
 
@@ -131,22 +136,76 @@ class LayerStatistics:
 
 @dataclass
 class CalibrationStatistics:
-    """Statistics of every MoE layer of a model, keyed by MoE block path."""
+    """Statistics of every MoE layer of a model, keyed by MoE block path.
+
+    `modalities` holds the same statistics split by token modality (empty for text-only models); each of its
+    entries lists only the layers that saw tokens of that modality.
+    """
 
     layers: dict[str, LayerStatistics] = field(default_factory=dict)
+    modalities: dict[str, CalibrationStatistics] = field(default_factory=dict)
 
     def merge(self, other: CalibrationStatistics) -> CalibrationStatistics:
         if set(self.layers) != set(other.layers):
             raise ValueError("cannot merge statistics collected on different MoE layers")
-        return CalibrationStatistics({path: self.layers[path].merge(other.layers[path]) for path in self.layers})
+        modalities = dict(self.modalities)
+        for name, statistics in other.modalities.items():
+            modalities[name] = modalities[name].merge_layers(statistics) if name in modalities else statistics
+        return CalibrationStatistics(
+            {path: self.layers[path].merge(other.layers[path]) for path in self.layers}, modalities
+        )
+
+    def merge_layers(self, other: CalibrationStatistics) -> CalibrationStatistics:
+        """Merge statistics whose layer sets may differ; a layer present in one side is kept as it is."""
+        layers = dict(self.layers)
+        for path, layer in other.layers.items():
+            layers[path] = layers[path].merge(layer) if path in layers else layer
+        return CalibrationStatistics(layers)
 
     def to_json(self) -> dict:
-        return {"layers": [layer.to_json() for layer in self.layers.values()]}
+        data = {"layers": [layer.to_json() for layer in self.layers.values()]}
+        if self.modalities:
+            data["modalities"] = {name: statistics.to_json() for name, statistics in self.modalities.items()}
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> CalibrationStatistics:
         layers = [LayerStatistics.from_json(item) for item in data["layers"]]
-        return cls({layer.path: layer for layer in layers})
+        modalities = {name: cls.from_json(item) for name, item in data.get("modalities", {}).items()}
+        return cls({layer.path: layer for layer in layers}, modalities)
+
+
+MODALITY_SEPARATOR = "@"
+
+
+def modality_key(path: str, modality: str) -> str:
+    """Return the key of one (layer, modality) pair in `keyed_by_modality` statistics: ``path@modality``."""
+    return f"{path}{MODALITY_SEPARATOR}{modality}"
+
+
+def split_modality_key(key: str) -> tuple[str, str | None]:
+    """Return (layer path, modality) of a key; the modality is `None` for a plain layer path."""
+    path, separator, modality = key.rpartition(MODALITY_SEPARATOR)
+    return (path, modality) if separator else (key, None)
+
+
+def keyed_by_modality(statistics: CalibrationStatistics) -> CalibrationStatistics:
+    """Return statistics with one entry per (layer, modality) pair that saw tokens, keyed by `modality_key`."""
+    layers = {}
+    for name, by_layer in statistics.modalities.items():
+        for path, layer in by_layer.layers.items():
+            if layer.tokens or layer.nonfinite_tokens:
+                key = modality_key(path, name)
+                layers[key] = LayerStatistics(
+                    key,
+                    layer.num_experts,
+                    layer.top_k,
+                    layer.num_bins,
+                    layer.counts,
+                    layer.dropped_mass,
+                    layer.nonfinite_tokens,
+                )
+    return CalibrationStatistics(layers)
 
 
 def dropped_mass_per_k(slot_ranks, top_k_weights):
@@ -188,6 +247,8 @@ class StatisticsCollector:
     def observe(self, event) -> None:
         import torch
 
+        from gemoe_cli.routing.modality import MODALITIES
+
         entropy = event.entropy.float()
         finite = torch.isfinite(entropy)
         dropped = dropped_mass_per_k(event.slot_ranks, event.top_k_weights)
@@ -197,3 +258,18 @@ class StatisticsCollector:
             dropped[finite].double().cpu().numpy(),
             nonfinite=int((~finite).sum()),
         )
+        if event.modality is None:
+            return
+        for code in torch.unique(event.modality).tolist():
+            selected = event.modality == code
+            self._modality_layer(MODALITIES[code], layer).add(
+                entropy[selected & finite].cpu().numpy(),
+                dropped[selected & finite].double().cpu().numpy(),
+                nonfinite=int((selected & ~finite).sum()),
+            )
+
+    def _modality_layer(self, modality: str, layer: LayerStatistics) -> LayerStatistics:
+        by_layer = self.statistics.modalities.setdefault(modality, CalibrationStatistics())
+        if layer.path not in by_layer.layers:
+            by_layer.layers[layer.path] = LayerStatistics(layer.path, layer.num_experts, layer.top_k, layer.num_bins)
+        return by_layer.layers[layer.path]

@@ -59,6 +59,16 @@ LAZY_COMMANDS: tuple[LazyCommandSpec, ...] = (
         import_path="gemoe_cli.cli.convert:convert_command",
         short_help="Rewrite the routers with a recipe and save a loadable checkpoint.",
     ),
+    LazyCommandSpec(
+        name="bench",
+        import_path="gemoe_cli.cli.bench:bench_command",
+        short_help="Compare static, gemoe and baseline routing: speed, memory, sparsity and retention.",
+    ),
+    LazyCommandSpec(
+        name="export",
+        import_path="gemoe_cli.cli.export:export_command",
+        short_help="Export an adaptive model to ONNX (`gemoe export onnx SRC -o DIR`), validated in onnxruntime.",
+    ),
 )
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from gemoe_cli.calibration.data import BUILTIN
+from gemoe_cli.calibration.images import DEFAULT_PROMPT_TEMPLATE
 from gemoe_cli.errors import InvalidInputError
 
 DEFAULT_NUM_SAMPLES = 256
@@ -43,15 +43,54 @@ def calibrate_command(
     min_retention: Annotated[
         float | None, typer.Option("--min-retention", help="Lowest acceptable held-out retention, in (0, 1).")
     ] = None,
-    metric: Annotated[str, typer.Option("--metric", help="Retention metric: nll, agreement or kl.")] = "nll",
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric", help="Retention metric: nll, agreement or kl; exact_match (greedy answers) for image+text data."
+        ),
+    ] = "nll",
     dataset: Annotated[
-        str, typer.Option("--dataset", help="builtin, a .txt/.jsonl file or folder, or hf:NAME[:CONFIG][:SPLIT].")
-    ] = BUILTIN,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Token blocks to use (fit + held-out).")] = (
-        DEFAULT_NUM_SAMPLES
-    ),
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per block.")] = DEFAULT_SEQ_LEN,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")] = DEFAULT_BATCH_SIZE,
+        str | None,
+        typer.Option(
+            "--dataset",
+            help="builtin (text), builtin-images, a .txt/.jsonl file, a folder of text files or images, or "
+            "hf:NAME[:CONFIG][:SPLIT]. Default: builtin-images for vision-language models, builtin otherwise.",
+        ),
+    ] = None,
+    prompt_template: Annotated[
+        str,
+        typer.Option(
+            "--prompt-template",
+            help="Question asked about each image of an image folder; {name} is replaced by the file name.",
+        ),
+    ] = DEFAULT_PROMPT_TEMPLATE,
+    max_images: Annotated[
+        int | None, typer.Option("--max-images", help="Most images one image+text sample may have (default: no limit).")
+    ] = None,
+    per_modality: Annotated[
+        bool,
+        typer.Option(
+            "--per-modality",
+            help="Fit separate thresholds for image and text tokens (vision-language models, image+text data).",
+        ),
+    ] = False,
+    skip_bad_samples: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad-samples",
+            help="Leave out samples that cannot be used (missing image, too many images, ...) and count them, "
+            "instead of stopping at the first.",
+        ),
+    ] = False,
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", help="Token blocks, or image+text samples, to use (fit + held-out).")
+    ] = DEFAULT_NUM_SAMPLES,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", help="Tokens per block (text data; image+text samples keep their length).")
+    ] = DEFAULT_SEQ_LEN,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Blocks per forward pass (image+text samples run one at a time).")
+    ] = DEFAULT_BATCH_SIZE,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sample order and the fit/held-out split.")] = 0,
     heldout_fraction: Annotated[
         float, typer.Option("--heldout-fraction", help="Share of blocks kept out of fitting to measure retention.")
@@ -74,14 +113,18 @@ def calibrate_command(
     """Fit per-layer gating-entropy thresholds on calibration data and write a recipe.
 
     Give --target-sparsity, --min-retention or both. Sparsity and retention in the recipe are measured on a
-    held-out part of the data by running the adaptive model.
+    held-out part of the data by running the adaptive model. Vision-language models calibrate on image+text
+    samples through their own processor and chat template; --per-modality gives image and text tokens
+    thresholds of their own.
     """
     _check_budget("--target-sparsity", target_sparsity)
     _check_budget("--min-retention", min_retention)
     if target_sparsity is None and min_retention is None:
         raise InvalidInputError("no budget given; pass --target-sparsity, --min-retention or both.")
-    if metric not in ("nll", "agreement", "kl"):
-        raise InvalidInputError(f"--metric {metric} is unknown; use nll, agreement or kl.")
+    if metric not in ("nll", "agreement", "kl", "exact_match"):
+        raise InvalidInputError(f"--metric {metric} is unknown; use nll, agreement, kl or exact_match.")
+    if max_images is not None and max_images < 1:
+        raise InvalidInputError(f"--max-images {max_images} is invalid; use 1 or more.")
     if renormalize not in ("preserve_mass", "none"):
         raise InvalidInputError(f"--renormalize {renormalize} is unknown; use preserve_mass or none.")
     if policy not in ("allocated", "uniform"):
@@ -118,6 +161,10 @@ def calibrate_command(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
+        per_modality=per_modality,
+        prompt_template=prompt_template,
+        max_images=max_images,
+        skip_bad_samples=skip_bad_samples,
     )
 
     from gemoe_cli.atomic import write_text_atomically

@@ -7,6 +7,10 @@ experts rewrites the static top-K selection before any expert runs:
     H = entropy(gating distribution)        k = policy(H)
     keep the k slots with the best selection score; dropped slots -> sentinel E (or weight 0)
 
+Vision-language models can route image and text tokens with separate thresholds: a `ModalityTracker`
+(`gemoe_cli.routing.modality`) keeps each token's modality, and a layer with thresholds for that modality
+uses them; every other token uses the layer's shared thresholds.
+
 Everything attached is removed by `AdaptiveRouting.remove()`, which also works as a context manager.
 
 Legend for shape comments: T tokens, E experts, K slots of the static selection.
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MethodType
 
 import torch
@@ -26,6 +30,13 @@ from gemoe_cli.routing.discovery import MoEBlock, find_moe_blocks, static_select
 from gemoe_cli.routing.dispatch import EXPERTS_IMPLEMENTATION, register_experts_implementation, sparse_experts_forward
 from gemoe_cli.routing.families import BIAS_NAMES
 from gemoe_cli.routing.gating import gating_distribution, gating_entropy, selection_scores
+from gemoe_cli.routing.modality import (
+    MODALITIES,
+    ModalityTracker,
+    block_modality,
+    install_modality_tracker,
+    modality_code,
+)
 from gemoe_cli.routing.policy import experts_per_token, validate_thresholds
 from gemoe_cli.routing.selection import Renormalize, rank_slots, truncate_selection
 
@@ -42,6 +53,16 @@ class LayerCounters:
     """Tokens that engaged exactly ``i`` experts, for ``i`` in ``0..k_max``."""
     nonfinite_tokens: int
     """Tokens whose router scores were not finite; they engage ``k_max`` experts."""
+    modality_k_histograms: dict[str, list[int]] = field(default_factory=dict)
+    """`k_histogram` of the tokens of each modality seen (vision-language models only)."""
+
+    def modality_tokens(self, modality: str) -> int:
+        """Return the number of tokens of one modality (0 when none was seen)."""
+        return sum(self.modality_k_histograms.get(modality, []))
+
+    def modality_active_pairs(self, modality: str) -> int:
+        """Return the expert activations of the tokens of one modality."""
+        return sum(k * count for k, count in enumerate(self.modality_k_histograms.get(modality, [])))
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,7 @@ class RoutingEvent:
     slot_ranks: torch.Tensor  # (T, K) rank of each static slot by selection score
     top_k_weights: torch.Tensor  # (T, K) static routing weights
     k: torch.Tensor  # (T,) experts engaged under the current thresholds
+    modality: torch.Tensor | None = None  # (T,) modality codes (`gemoe_cli.routing.modality`), or None if unknown
 
 
 Observer = Callable[[RoutingEvent], None]
@@ -72,9 +94,17 @@ class AdaptiveLayer:
         self.renormalize = renormalize
         self.scoring = moe.scoring
         self.thresholds = torch.tensor(list(thresholds), dtype=torch.float32)
+        self.modality_thresholds: dict[int, torch.Tensor] = {}
+        """Thresholds by modality code; tokens of other modalities (or of unknown modality) use `thresholds`."""
+        self.fixed_modality = block_modality(moe.path)
+        """The one modality this block routes (vision-tower and Ernie vision/text expert blocks), or None."""
+        self.tracker: ModalityTracker | None = None
+        """Token modalities of the forward pass in progress, for blocks that route mixed sequences."""
         self.observers: list[Observer] = []
         self.enabled = True
         """With `False` the layer routes statically (observers still see every batch, with k = K)."""
+        self.counting = True
+        """With `False` the counters ignore the batches routed (see `AdaptiveRouting.uncounted`)."""
         self.baseline = None
         """A baseline policy (`gemoe_cli.routing.baselines`) that replaces the entropy thresholds when set."""
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -88,19 +118,39 @@ class AdaptiveLayer:
         validate_thresholds(thresholds, self.k_min, self.k_max, where=f"layers[{self.path}].thresholds")
         self.thresholds = torch.tensor(list(thresholds), dtype=torch.float32)
 
+    def set_modality_thresholds(self, thresholds: Mapping[str, Sequence[float]]) -> None:
+        """Replace the per-modality thresholds (modality name -> thresholds); an empty mapping removes them."""
+        parsed = {}
+        for name, values in thresholds.items():
+            validate_thresholds(values, self.k_min, self.k_max, where=f"layers[{self.path}].modalities[{name}]")
+            parsed[modality_code(name)] = torch.tensor(list(values), dtype=torch.float32)
+        self.modality_thresholds = parsed
+
     def reset_counters(self) -> None:
         self._tokens = torch.zeros((), dtype=torch.int64)
         self._k_histogram = torch.zeros(self.k_max + 1, dtype=torch.int64)
         self._nonfinite = torch.zeros((), dtype=torch.int64)
+        self._modality_histogram = torch.zeros((len(MODALITIES), self.k_max + 1), dtype=torch.int64)
 
     def counters(self) -> LayerCounters:
         histogram = self._k_histogram.tolist()
+        by_modality = {MODALITIES[code]: row for code, row in enumerate(self._modality_histogram.tolist()) if any(row)}
         return LayerCounters(
             tokens=int(self._tokens),
             active_pairs=sum(k * count for k, count in enumerate(histogram)),
             k_histogram=histogram,
             nonfinite_tokens=int(self._nonfinite),
+            modality_k_histograms=by_modality,
         )
+
+    def token_modalities(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """Return the modality code of each of the `num_tokens` tokens being routed (T,), or None if unknown."""
+        if self.fixed_modality is not None:
+            return torch.full((num_tokens,), self.fixed_modality, dtype=torch.int64, device=device)
+        if self.tracker is None:
+            return None
+        codes = self.tracker.codes_for(num_tokens)
+        return None if codes is None else codes.to(device)
 
     # Hooks -----------------------------------------------------------------------------------------
 
@@ -125,7 +175,12 @@ class AdaptiveLayer:
         entropy = gating_entropy(distribution)  # (T,)
         nonfinite = ~torch.isfinite(scores).all(dim=-1)
         entropy = torch.where(nonfinite, torch.full_like(entropy, float("nan")), entropy)
+        modality = self.token_modalities(entropy.size(0), entropy.device)  # (T,) or None
         k = experts_per_token(entropy, self.thresholds, self.k_min, self.k_max)  # (T,)
+        if modality is not None:
+            for code, thresholds in self.modality_thresholds.items():
+                k_modality = experts_per_token(entropy, thresholds, self.k_min, self.k_max)
+                k = torch.where(modality == code, k_modality, k)
 
         safe_index = top_k_index.clamp(0, scores.size(-1) - 1)
         if self.moe.adapter.bias_on_logits and bias is not None:
@@ -142,13 +197,14 @@ class AdaptiveLayer:
             k = torch.full_like(k, top_k_index.size(-1))
 
         if self.observers:
-            event = RoutingEvent(self.path, distribution, entropy, ranks, top_k_weights, k)
+            event = RoutingEvent(self.path, distribution, entropy, ranks, top_k_weights, k, modality)
             for observer in self.observers:
                 observer(event)
         if not self.enabled:
             return top_k_index, top_k_weights
 
-        self._count(k, nonfinite)
+        if self.counting:
+            self._count(k, nonfinite, modality)
         dropped = (
             self.moe.num_experts if _skips_sentinel(self.moe.experts) else _best_slot_index(top_k_index, slot_scores)
         )
@@ -162,15 +218,20 @@ class AdaptiveLayer:
             return args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
         return static_selection_bias(self.moe.block, self.moe.router)
 
-    def _count(self, k: torch.Tensor, nonfinite: torch.Tensor) -> None:
+    def _count(self, k: torch.Tensor, nonfinite: torch.Tensor, modality: torch.Tensor | None) -> None:
         device = k.device
         if self._k_histogram.device != device:
-            self._tokens, self._k_histogram, self._nonfinite = (
-                t.to(device) for t in (self._tokens, self._k_histogram, self._nonfinite)
+            self._tokens, self._k_histogram, self._nonfinite, self._modality_histogram = (
+                t.to(device) for t in (self._tokens, self._k_histogram, self._nonfinite, self._modality_histogram)
             )
         self._tokens += k.numel()
         self._k_histogram += torch.bincount(k, minlength=self.k_max + 1)[: self.k_max + 1]
         self._nonfinite += nonfinite.sum()
+        if modality is not None:
+            # One bincount over (modality, k) pairs fills the whole (M, k_max + 1) table.
+            width = self.k_max + 1
+            pairs = torch.bincount(modality * width + k, minlength=len(MODALITIES) * width)
+            self._modality_histogram += pairs[: len(MODALITIES) * width].view(len(MODALITIES), width)
 
 
 def _best_slot_index(top_k_index: torch.Tensor, slot_scores: torch.Tensor) -> torch.Tensor:
@@ -227,6 +288,17 @@ class AdaptiveRouting:
             static += layer.moe.top_k * counts.tokens
         return 1.0 - active / static if static else 0.0
 
+    def modality_sparsity(self) -> dict[str, float]:
+        """Return the sparsity since the last reset over the tokens of each modality seen (empty for text models)."""
+        active: dict[str, int] = {}
+        static: dict[str, int] = {}
+        for layer in self.layers.values():
+            counts = layer.counters()
+            for name in counts.modality_k_histograms:
+                active[name] = active.get(name, 0) + counts.modality_active_pairs(name)
+                static[name] = static.get(name, 0) + layer.moe.top_k * counts.modality_tokens(name)
+        return {name: 1.0 - active[name] / static[name] for name in MODALITIES if static.get(name)}
+
     @contextmanager
     def static(self):
         """Route statically inside the block (for a reference run), then restore the previous state."""
@@ -239,10 +311,32 @@ class AdaptiveRouting:
             for path, layer in self.layers.items():
                 layer.enabled = previous[path]
 
+    @contextmanager
+    def uncounted(self):
+        """Leave the counters untouched by what runs inside the block (generation for answer checks)."""
+        previous = {path: layer.counting for path, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.counting = False
+        try:
+            yield self
+        finally:
+            for path, layer in self.layers.items():
+                layer.counting = previous[path]
+
     def set_thresholds(self, thresholds: Mapping[str, Sequence[float]]) -> None:
         """Replace the thresholds of the named layers."""
         for path, values in thresholds.items():
             self.layers[path].set_thresholds(values)
+
+    def set_modality_thresholds(self, thresholds: Mapping[str, Mapping[str, Sequence[float]]]) -> None:
+        """Replace the per-modality thresholds of the named layers (path -> modality name -> thresholds)."""
+        for path, by_modality in thresholds.items():
+            self.layers[path].set_modality_thresholds(by_modality)
+
+    @property
+    def tracks_modality(self) -> bool:
+        """Whether the modality of routed tokens is known (a vision-language model)."""
+        return any(layer.tracker is not None or layer.fixed_modality is not None for layer in self.layers.values())
 
     def remove(self) -> None:
         while self._undo:
@@ -263,6 +357,7 @@ def attach_adaptive_routing(
     k_max: int | None = None,
     renormalize: Renormalize = "preserve_mass",
     sparse_dispatch: bool = True,
+    modality_thresholds: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
 ) -> AdaptiveRouting:
     """Attach adaptive routing to every MoE block of `model` (in place) and return the handle.
 
@@ -273,6 +368,9 @@ def attach_adaptive_routing(
         renormalize: ``preserve_mass`` or ``none``.
         sparse_dispatch: switch experts to ``gemoe_sparse`` so dropped slots cost no compute; with
             `False`, the model's current experts implementation runs and dropped slots get weight 0.
+        modality_thresholds: per-layer thresholds by modality name (``text``, ``image``, ``video``,
+            ``audio``) for vision-language models; tokens of a modality without its own list use the
+            layer's `thresholds`.
     """
     blocks = find_moe_blocks(model)
     unknown = sorted(set(thresholds) - {block.path for block in blocks})
@@ -285,8 +383,17 @@ def attach_adaptive_routing(
         layer_thresholds = thresholds.get(block.path, [float("-inf")] * (layer_k_max - k_min))
         layers[block.path] = AdaptiveLayer(block, layer_thresholds, k_min, layer_k_max, renormalize)
 
+    unknown = sorted(set(modality_thresholds or {}) - set(layers))
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} has modality thresholds but is not a MoE block of this model")
+    for path, by_modality in (modality_thresholds or {}).items():
+        layers[path].set_modality_thresholds(by_modality)
+
     routing = AdaptiveRouting(model, layers)
     try:
+        tracker = install_modality_tracker(model, routing._undo)
+        for layer in layers.values():
+            layer.tracker = tracker
         if sparse_dispatch:
             _switch_to_sparse_dispatch(model, blocks, routing._undo)
         for layer in layers.values():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gemoe_cli.calibration.data import CalibrationData
-from gemoe_cli.calibration.fitting import Fit, fit_allocated, fit_uniform_quantile, max_sparsity
+from gemoe_cli.calibration.fitting import Fit, fit_allocated, fit_layer_offsets, fit_uniform_quantile, max_sparsity
 from gemoe_cli.calibration.retention import Evaluation, Metric, evaluate, mean_nll, model_forward
 from gemoe_cli.calibration.statistics import (
     CalibrationStatistics,
@@ -41,6 +41,10 @@ SPARSITY_TOLERANCE = 0.002
 """Drift correction stops once measured fit-part sparsity is this close to the target."""
 MAX_DRIFT_ROUNDS = 8
 COST_PROBE_BLOCKS = 32
+OFFSET_SEARCH_BLOCKS = 48
+"""Fit-part blocks on which the layer allocation search measures NLL."""
+OFFSET_STEPS = (0.08, 0.04, 0.02)
+"""Sparsity moved between layers per search step, coarse to fine."""
 """Fit-part blocks used to measure each layer's quality cost (the cost only needs relative accuracy)."""
 RETENTION_SEARCH_STEPS = 7
 Policy = str  # "allocated" or "uniform"
@@ -158,6 +162,62 @@ def measure_layer_costs(
     return costs
 
 
+def search_layer_offsets(
+    model,
+    routing: AdaptiveRouting,
+    statistics: CalibrationStatistics,
+    batches,
+    target: float,
+    k_min: int,
+    k_max: int | None,
+) -> dict[str, float]:
+    """Search how to spread `target` sparsity over layers, by measured NLL on a subset of the fitting part.
+
+    Starts from the uniform-quantile allocation (all offsets 0) and moves sparsity into or out of one layer
+    at a time, taking it from or giving it to all others, while the measured NLL improves; the step then
+    halves. Every accepted move lowered the measured NLL, so the result is never worse than the baseline
+    on the subset. Returns the sparsity offset of each layer (or ``path@modality`` pair).
+    """
+    batches = batches[: max(1, OFFSET_SEARCH_BLOCKS // max(1, batches[0].size(0)))]
+    fitted = [key for key, layer in statistics.layers.items() if layer.tokens > 0]
+    offsets = {key: 0.0 for key in fitted}
+    if len(fitted) < 2:
+        return offsets
+    tokens = {key: statistics.layers[key].tokens for key in fitted}
+    ceilings = {key: max_sparsity(CalibrationStatistics({key: statistics.layers[key]}), k_min) for key in fitted}
+
+    def measured_nll(candidate: dict[str, float]) -> float:
+        apply_thresholds(routing, fit_layer_offsets(statistics, target, candidate, k_min, k_max).thresholds)
+        return mean_nll(model, batches)
+
+    best = measured_nll(offsets)
+    for step in OFFSET_STEPS:
+        improved = True
+        while improved:
+            improved = False
+            for key in fitted:
+                for direction in (1.0, -1.0):
+                    candidate = _moved(offsets, key, direction * step, tokens)
+                    if not all(0.0 <= target + candidate[k] <= ceilings[k] for k in fitted):
+                        continue
+                    nll = measured_nll(candidate)
+                    if nll < best - 1e-7:
+                        best, offsets, improved = nll, candidate, True
+    logger.info("layer sparsity offsets: %s (subset NLL %.5f)", offsets, best)
+    return offsets
+
+
+def _moved(offsets: dict[str, float], key: str, amount: float, tokens: dict[str, int]) -> dict[str, float]:
+    """Add `amount` sparsity to one layer and take it evenly (token-weighted) from the others."""
+    others = [other for other in offsets if other != key]
+    other_tokens = sum(tokens[other] for other in others)
+    moved = dict(offsets)
+    moved[key] += amount
+    for other in others:
+        moved[other] -= amount * tokens[key] / other_tokens
+    return moved
+
+
 def _predicted_dropped_mass(layer_statistics, thresholds, k_min: int) -> float:
     """Return the mean dropped routing mass per token that `thresholds` cause, from the histogram."""
     centers = layer_statistics.bin_edges()[:-1] + layer_statistics.bin_width / 2
@@ -201,7 +261,7 @@ def fit_with_drift(
         if policy == "uniform":
             fit = fit_uniform_quantile(view, aim, k_min, k_max)
         else:
-            fit = fit_allocated(view, aim, layer_costs, k_min, k_max)
+            fit = fit_layer_offsets(view, aim, layer_costs or {}, k_min, k_max)
         apply_thresholds(routing, fit.thresholds)
         drifted, measured = collect_statistics(model, routing, batches, static=False, progress=progress)
         logger.info("drift round %d: aimed %.4f, measured %.4f", round_number, aim, measured)
@@ -284,7 +344,7 @@ def calibrate(
     probe = target_sparsity if target_sparsity is not None else 0.3
     costs = None
     if policy == "allocated":
-        costs = measure_layer_costs(
+        costs = search_layer_offsets(
             model, routing, fit_view(static_statistics, per_modality), fit_batches, probe, k_min, k_max
         )
 

@@ -211,3 +211,27 @@ def max_sparsity(statistics: CalibrationStatistics, k_min: int = 1) -> float:
     total = sum(layer.tokens * layer.top_k for layer in statistics.layers.values())
     active = sum(layer.tokens * k_min for layer in statistics.layers.values())
     return 1.0 - active / total if total else 0.0
+
+
+def fit_layer_offsets(
+    statistics: CalibrationStatistics,
+    target: float,
+    offsets: Mapping[str, float],
+    k_min: int = 1,
+    k_max: int | None = None,
+) -> Fit:
+    """Fit each layer alone, with the uniform-quantile shape, to ``target + offsets[layer]`` sparsity.
+
+    Offsets move sparsity between layers; they should add up to about zero (token-weighted). A layer's
+    own target is clamped to what it can reach, and layers without tokens stay static.
+    """
+    thresholds: dict[str, list[float]] = {}
+    for path, layer in statistics.layers.items():
+        single = CalibrationStatistics({path: layer})
+        top = _layer_k_max(layer, k_max)
+        if layer.tokens == 0:
+            thresholds[path] = [-math.inf] * (top - k_min)
+            continue
+        layer_target = min(max(target + offsets.get(path, 0.0), 0.0), max_sparsity(single, k_min) - 1e-9)
+        thresholds[path] = fit_uniform_quantile(single, layer_target, k_min, k_max).thresholds[path]
+    return Fit(thresholds, predicted_sparsity(statistics, thresholds, k_min))

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Bump when a code change alters the trained weights or the record, so existing caches are not reused.
+# Bump when a code change alters the trained weights or the contents of training.json, so old caches are not reused.
 TRAINER_VERSION = 1
 
 MODEL_DIR_PREFIX = "olmoe-reference-"
@@ -53,19 +53,25 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
                   "training.json")
 CORPUS_LICENSE = "PSF-2.0 (Python Software Foundation License Version 2, as stated in CPython's LICENSE)"
 
-# Pure-Python standard library modules whose docstrings join the corpus, in this order. All of them exist in
-# CPython 3.10 to 3.14; a module missing from a stripped-down installation is skipped and listed in the record.
-# The sources are parsed with `ast`, never imported.
+# Pure-Python standard library modules whose docstrings join the corpus, in this order. None of them is among the
+# modules that CPython 3.12 and 3.13 removed, but only CPython 3.11 was tried. A module that is not found is
+# skipped and listed in the record. The sources are parsed with `ast`, never imported.
 DOCSTRING_MODULES = (
-    "abc", "argparse", "ast", "base64", "bisect", "calendar", "codecs", "collections", "configparser",
-    "contextlib", "copy", "csv", "dataclasses", "difflib", "dis", "doctest", "email.message", "enum",
-    "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq",
-    "hmac", "http.client", "imaplib", "inspect", "io", "ipaddress", "json", "locale", "logging", "mailbox",
-    "numbers", "operator", "optparse", "os", "pathlib", "pickle", "platform", "poplib", "pprint", "pydoc",
-    "queue", "random", "re", "selectors", "shlex", "shutil", "signal", "smtplib", "socket", "socketserver",
-    "ssl", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tokenize",
-    "trace", "traceback", "types", "typing", "unittest.case", "urllib.parse", "uuid", "warnings", "wave",
-    "weakref", "xml.dom.minidom", "zipfile", "zipimport",
+    "abc", "argparse", "ast", "asyncio.base_events", "asyncio.events", "asyncio.futures", "asyncio.locks",
+    "asyncio.queues", "asyncio.streams", "asyncio.tasks", "base64", "bdb", "bisect", "bz2", "calendar", "cmd",
+    "code", "codecs", "codeop", "collections", "compileall", "configparser", "contextlib", "copy", "csv",
+    "dataclasses", "difflib", "dis", "doctest", "email.generator", "email.headerregistry", "email.message",
+    "email.parser", "email.policy", "email.utils", "enum", "filecmp", "fileinput", "fnmatch", "fractions", "ftplib",
+    "functools", "getopt", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html.parser",
+    "http.client", "http.cookiejar", "http.cookies", "http.server", "imaplib", "importlib.metadata", "inspect",
+    "io", "ipaddress", "json", "locale", "logging", "lzma", "mailbox", "mimetypes", "numbers", "operator",
+    "optparse", "os", "pathlib", "pdb", "pickle", "pkgutil", "platform", "plistlib", "poplib", "pprint",
+    "py_compile", "pyclbr", "pydoc", "queue", "random", "re", "rlcompleter", "runpy", "sched", "selectors",
+    "shelve", "shlex", "shutil", "signal", "site", "smtplib", "socket", "socketserver", "ssl", "statistics",
+    "string", "subprocess", "symtable", "sysconfig", "tarfile", "tempfile", "textwrap", "threading", "timeit",
+    "tokenize", "trace", "traceback", "types", "typing", "unittest.case", "unittest.mock", "urllib.parse",
+    "urllib.request", "uuid", "warnings", "wave", "weakref", "wsgiref.handlers", "xml.dom.minidom",
+    "xml.etree.ElementTree", "xml.sax.handler", "xmlrpc.client", "zipfile", "zipimport",
 )
 
 PAD_TOKEN = "<|pad|>"
@@ -91,7 +97,7 @@ class ReferenceModelSettings:
     """Hyper-parameters of the corpus split, tokenizer, model and training run.
 
     With the corpus text and the library versions they determine the trained weights, so all of them enter
-    the cache key. The defaults give a 3.9M-parameter model (about 1M parameters active per token).
+    the cache key. The defaults give a model of 3.9M parameters, 1.6M of them active per token.
     """
 
     seed: int = 0
@@ -108,6 +114,7 @@ class ReferenceModelSettings:
     num_attention_heads: int = 4
     num_experts: int = 16
     num_experts_per_tok: int = 4
+    # Training windows have `seq_len` tokens, so positions past it are never trained.
     max_position_embeddings: int = 512
     router_aux_loss_coef: float = 0.01
     # Training: AdamW, linear warm-up, then cosine decay to `min_learning_rate_ratio * learning_rate`.
@@ -123,13 +130,15 @@ class ReferenceModelSettings:
     max_grad_norm: float = 1.0
     experts_implementation: str = "grouped_mm"
     deterministic_algorithms: bool = True
+    # Held-out evaluation during training (for the record only) and its batch size.
+    heldout_eval_every: int = 250
     eval_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        problems = []
+        problems: list[str] = []
         positive = ("chunk_chars", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_experts", "num_experts_per_tok", "seq_len", "batch_size", "steps",
-                    "eval_batch_size")
+                    "heldout_eval_every", "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
@@ -146,6 +155,8 @@ class ReferenceModelSettings:
             problems.append(f"seq_len={self.seq_len} exceeds max_position_embeddings={self.max_position_embeddings}")
         if not 0 <= self.warmup_steps < self.steps:
             problems.append(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate={self.learning_rate} must be positive")
         if not 0 <= self.min_learning_rate_ratio <= 1:
             problems.append(f"min_learning_rate_ratio={self.min_learning_rate_ratio} must be in [0, 1]")
         if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
@@ -213,7 +224,7 @@ def load_corpus() -> Corpus:
 
 
 def _stdlib_source_path(module: str) -> Path | None:
-    # Frozen modules (os, codecs, ... in CPython 3.11) have no spec origin, so the file is found by path.
+    # The file is found by path because importlib reports no file for frozen modules (os, codecs, ... in 3.11).
     base = Path(sysconfig.get_paths()["stdlib"]).joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
@@ -380,13 +391,34 @@ def learning_rate_at(step: int, settings: ReferenceModelSettings) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingResult:
-    """Losses of a training run. `final_train_loss` is the mean language-model loss of the last 50 steps."""
+    """Losses of a training run.
+
+    `final_train_loss` and `final_aux_loss` are means over the last 50 steps. `loss_curve` contains (step, mean
+    language-model loss of the last 100 steps), and `heldout_curve` contains (step, held-out loss, mean normalised
+    gating entropy). `wall_time_s` excludes the held-out evaluations, which took `heldout_eval_time_s`.
+    """
 
     final_train_loss: float
     final_aux_loss: float
     loss_curve: tuple[tuple[int, float], ...]
+    heldout_curve: tuple[tuple[int, float, float], ...]
     wall_time_s: float
+    heldout_eval_time_s: float
     tokens_seen: int
+
+
+def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """Return OLMoE's load-balancing loss computed for each MoE layer on its own, averaged over layers.
+
+    transformers' `OlmoeForCausalLM` pools the router logits of all layers into one loss (transformers 5.23), which
+    lets a single layer starve an expert while the pooled load stays even. The value is `top_k` when every layer
+    spreads its tokens and probability mass evenly.
+    """
+    import torch
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+    per_layer = [load_balancing_loss_func((logits,), num_experts, top_k) for logits in router_logits]  # each (T, E)
+    return torch.stack(per_layer).mean()
 
 
 def train_model(
@@ -395,11 +427,14 @@ def train_model(
     settings: ReferenceModelSettings,
     *,
     generator: torch.Generator,
+    heldout: torch.Tensor | None = None,
     progress: bool = True,
 ) -> TrainingResult:
     """Train `model` in place on random windows of `train_tokens`, drawn with `generator`.
 
-    The loss is the next-token cross-entropy plus `router_aux_loss_coef` times OLMoE's load-balancing loss.
+    The loss is the next-token cross-entropy plus `router_aux_loss_coef` times `load_balancing_loss`. When
+    `heldout` windows (N, T) are given, the model is evaluated on them every `heldout_eval_every` steps. The
+    evaluation draws no random numbers, so the trained weights are the same with or without it.
     """
     import torch
 
@@ -414,12 +449,15 @@ def train_model(
     )
     max_start = train_tokens.numel() - settings.seq_len
     if max_start < 1:
-        raise ValueError(f"the training text has {train_tokens.numel()} tokens, fewer than seq_len + 1")
+        raise ValueError(f"the training text has {train_tokens.numel()} tokens, fewer than seq_len + 1 = "
+                         f"{settings.seq_len + 1}. Lower seq_len.")
 
     model.train()
     lm_losses: list[float] = []
     aux_losses: list[float] = []
     loss_curve: list[tuple[int, float]] = []
+    heldout_curve: list[tuple[int, float, float]] = []
+    eval_time = 0.0
     started = time.perf_counter()
     for step in range(settings.steps):
         for group in optimizer.param_groups:
@@ -427,30 +465,51 @@ def train_model(
         starts = torch.randint(0, max_start, (settings.batch_size,), generator=generator)
         windows = torch.stack([train_tokens[start : start + settings.seq_len] for start in starts.tolist()])  # (B, T)
 
-        output = model(input_ids=windows, output_router_logits=True, use_cache=False)
-        lm_loss = _next_token_loss(output.logits, windows, reduction="mean")
-        loss = lm_loss + settings.router_aux_loss_coef * output.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-        optimizer.step()
-
-        lm_losses.append(lm_loss.item())
-        aux_losses.append(output.aux_loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == settings.steps:
+        lm_loss, aux_loss = _training_step(model, optimizer, windows, settings)
+        lm_losses.append(lm_loss)
+        aux_losses.append(aux_loss)
+        done = step + 1
+        if done % 100 == 0 or done == settings.steps:
             recent = statistics.fmean(lm_losses[-100:])
-            loss_curve.append((step + 1, round(recent, 4)))
-            elapsed = time.perf_counter() - started
-            _report(progress, f"step {step + 1}/{settings.steps}: loss {recent:.3f}, aux loss {aux_losses[-1]:.3f}, "
+            loss_curve.append((done, round(recent, 4)))
+            elapsed = time.perf_counter() - started - eval_time
+            _report(progress, f"step {done}/{settings.steps}: loss {recent:.3f}, aux loss {aux_losses[-1]:.3f}, "
                               f"lr {learning_rate_at(step, settings):.2e}, {elapsed:.0f} s")
+        if heldout is not None and (done % settings.heldout_eval_every == 0 or done == settings.steps):
+            eval_started = time.perf_counter()
+            evaluation = evaluate_language_model(model, heldout, settings.eval_batch_size)
+            model.train()
+            eval_time += time.perf_counter() - eval_started
+            heldout_curve.append((done, round(evaluation.loss, 4), round(evaluation.mean_normalized_entropy, 4)))
+            _report(progress, f"step {done}: held-out loss {evaluation.loss:.3f}, "
+                              f"normalised gating entropy {evaluation.mean_normalized_entropy:.3f}")
     model.eval()
     return TrainingResult(
         final_train_loss=statistics.fmean(lm_losses[-50:]),
         final_aux_loss=statistics.fmean(aux_losses[-50:]),
         loss_curve=tuple(loss_curve),
-        wall_time_s=time.perf_counter() - started,
+        heldout_curve=tuple(heldout_curve),
+        wall_time_s=time.perf_counter() - started - eval_time,
+        heldout_eval_time_s=eval_time,
         tokens_seen=settings.steps * settings.batch_size * settings.seq_len,
     )
+
+
+def _training_step(
+    model: OlmoeForCausalLM, optimizer: torch.optim.Optimizer, windows: torch.Tensor, settings: ReferenceModelSettings
+) -> tuple[float, float]:
+    """Run one optimiser step on windows (B, T) and return the language-model and load-balancing losses."""
+    import torch
+
+    output = model(input_ids=windows, output_router_logits=True, use_cache=False)
+    lm_loss = _next_token_loss(output.logits, windows, reduction="mean")
+    aux_loss = load_balancing_loss(output.router_logits, settings.num_experts, settings.num_experts_per_tok)
+    loss = lm_loss + settings.router_aux_loss_coef * aux_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+    optimizer.step()
+    return lm_loss.item(), aux_loss.item()
 
 
 def _next_token_loss(logits: torch.Tensor, windows: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -470,12 +529,13 @@ class Evaluation:
     """Held-out language-model quality and routing statistics of one model.
 
     Normalised gating entropy is `H(softmax(router logits)) / log(E)`: 0 for a one-hot gate, 1 for a uniform one.
-    `expert_load` holds, per MoE layer, the fraction of top-k slots that went to each expert (1/E when balanced).
+    `predicted_tokens` counts the next-token predictions, `T - 1` per window. `expert_load` contains, per MoE layer,
+    the fraction of top-k slots that went to each expert (1/E when balanced).
     """
 
     loss: float
     perplexity: float
-    tokens: int
+    predicted_tokens: int
     mean_normalized_entropy: float
     normalized_entropy_per_layer: tuple[float, ...]
     normalized_entropy_quantiles: dict[str, float]
@@ -485,7 +545,7 @@ class Evaluation:
         return {
             "loss": round(self.loss, 4),
             "perplexity": round(self.perplexity, 2),
-            "tokens": self.tokens,
+            "predicted_tokens": self.predicted_tokens,
             "mean_normalized_entropy": round(self.mean_normalized_entropy, 4),
             "normalized_entropy_per_layer": [round(value, 4) for value in self.normalized_entropy_per_layer],
             "normalized_entropy_quantiles": {key: round(value, 4) for key, value in
@@ -502,7 +562,8 @@ def heldout_windows(tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int)
     tokens = encode_documents(tokenizer, [text])
     count = tokens.numel() // seq_len
     if count == 0:
-        raise ValueError(f"the held-out text has {tokens.numel()} tokens, fewer than seq_len={seq_len}")
+        raise ValueError(f"the held-out text has {tokens.numel()} tokens, fewer than seq_len={seq_len}. "
+                         "Lower seq_len or hold out more text (a smaller heldout_every).")
     return tokens[: count * seq_len].view(count, seq_len)
 
 
@@ -543,7 +604,7 @@ def evaluate_language_model(model: OlmoeForCausalLM, windows: torch.Tensor, batc
     return Evaluation(
         loss=mean_loss,
         perplexity=math.exp(mean_loss),
-        tokens=total_predictions,
+        predicted_tokens=total_predictions,
         mean_normalized_entropy=pooled.mean().item(),
         normalized_entropy_per_layer=tuple(values.double().mean().item() for values in per_layer),
         normalized_entropy_quantiles={"p10": quantiles[0], "p50": quantiles[1], "p90": quantiles[2]},
@@ -602,7 +663,7 @@ def reference_model_key(settings: ReferenceModelSettings, corpus_sha256: str) ->
 
 
 def reference_model_path(cache_dir: Path | None = None, settings: ReferenceModelSettings | None = None) -> Path:
-    """Return the directory that holds, or will hold, the model for these settings. Nothing is trained or written."""
+    """Return the directory of the model for these settings, whether or not it exists yet. Nothing is trained."""
     settings = settings or ReferenceModelSettings()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return cache_dir / (MODEL_DIR_PREFIX + reference_model_key(settings, load_corpus().sha256()))
@@ -622,15 +683,15 @@ def ensure_reference_model(
 ) -> Path:
     """Return the directory of the trained reference model, training it first when the cache lacks it.
 
-    The directory holds `config.json`, `model.safetensors`, the tokenizer files, `heldout.txt` and
+    The directory contains `config.json`, `model.safetensors`, the tokenizer files, `heldout.txt` and
     `training.json`. Training runs in a hidden sibling directory that is renamed into place at the end, so an
     interrupted run leaves no partial model under the final name. A lock file serialises training between
     processes that share the cache. `force` retrains even when the cache has the model. Progress lines go to
     stderr when `progress` is true.
 
-    NOTE: set `OMP_WAIT_POLICY=PASSIVE` before torch is imported when other processes share the cores;
+    NOTE: when other processes share the cores, set `OMP_WAIT_POLICY=PASSIVE` before torch is imported, as
     `scripts/train_reference_model` does. With the default policy, training was 10 times slower on a busy
-    2-core machine, with the same weights.
+    2-core machine, and the weights were the same.
     """
     settings = settings or ReferenceModelSettings()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -664,7 +725,7 @@ def _exclusive_lock(lock_path: Path, progress: bool) -> Iterator[None]:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _report(progress, f"waiting for another process that holds {lock_path}")
+            _report(progress, f"waiting for {lock_path}: another process is training this model")
             fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield
@@ -673,10 +734,12 @@ def _exclusive_lock(lock_path: Path, progress: bool) -> Iterator[None]:
 
 
 def _remove_partial_builds(cache_dir: Path, name: str) -> None:
-    # Only the lock holder builds under this name, so any partial directory left is from a killed process.
-    for stale in cache_dir.glob(f".{name}.partial-*"):
-        logger.info("removing the partial build %s left by an interrupted run", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    # Only the lock holder builds or replaces a model under this name, so any partial build or retired old model
+    # found here was left by a killed process.
+    for pattern in (f".{name}.partial-*", f".{name}.old-*"):
+        for stale in cache_dir.glob(pattern):
+            logger.info("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _replace_directory(source: Path, target: Path) -> None:
@@ -698,7 +761,7 @@ def build_reference_model(
     key: str,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the tokenizer and model, evaluate them, and write all files into `output_dir`; return the record."""
+    """Train the tokenizer and model, evaluate them, write all files into `output_dir`, and return the record."""
     import torch
 
     started = time.perf_counter()
@@ -717,7 +780,8 @@ def build_reference_model(
                                                settings.eval_batch_size)
         _report(progress, f"training {_count_parameters(model):,} parameters for {settings.steps} steps "
                           f"of {settings.batch_size} x {settings.seq_len} tokens")
-        training = train_model(model, train_tokens, settings, generator=generator, progress=progress)
+        training = train_model(model, train_tokens, settings, generator=generator, heldout=windows,
+                               progress=progress)
         trained = evaluate_language_model(model, windows, settings.eval_batch_size)
 
     with _transformers_progress_bars(progress):
@@ -725,9 +789,15 @@ def build_reference_model(
     tokenizer.save_pretrained(output_dir)
     (output_dir / "heldout.txt").write_text(split.heldout_text, encoding="utf-8")
     record = _training_record(
-        key=key, settings=settings, corpus=corpus, split=split, train_tokens=train_tokens.numel(), model=model,
-        training=training, evaluations={"trained": trained, "random_init": random_init,
-                                        "random_unit_variance_routers": unit_routers},
+        key=key,
+        settings=settings,
+        corpus=corpus,
+        split=split,
+        train_tokens=train_tokens.numel(),
+        heldout_tokens=windows.numel(),
+        model=model,
+        training=training,
+        evaluations={"trained": trained, "random_init": random_init, "random_unit_variance_routers": unit_routers},
         wall_time_s=time.perf_counter() - started,
     )
     (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -759,6 +829,7 @@ def _training_record(
     corpus: Corpus,
     split: CorpusSplit,
     train_tokens: int,
+    heldout_tokens: int,
     model: OlmoeForCausalLM,
     training: TrainingResult,
     evaluations: dict[str, Evaluation],
@@ -788,12 +859,14 @@ def _training_record(
             "train_characters": sum(len(segment) for segment in split.train_segments),
             "heldout_characters": len(split.heldout_text),
             "train_tokens": train_tokens,
-            "heldout_tokens": evaluations["trained"].tokens,
+            "heldout_tokens": heldout_tokens,
         },
         "training": {
             "final_train_loss": round(training.final_train_loss, 4),
             "final_aux_loss": round(training.final_aux_loss, 4),
             "loss_curve": [list(point) for point in training.loss_curve],
+            "heldout_curve": [list(point) for point in training.heldout_curve],
+            "heldout_eval_time_s": round(training.heldout_eval_time_s, 1),
             "tokens_seen": training.tokens_seen,
             "training_wall_time_s": round(training.wall_time_s, 1),
             "total_wall_time_s": round(wall_time_s, 1),
@@ -835,19 +908,15 @@ def time_experts_implementations(
         timed_settings = dataclasses.replace(settings, experts_implementation=implementation)
         with seeded_torch(settings.seed, settings.deterministic_algorithms):
             model = build_model(timed_settings, placeholder)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
+                                          betas=(settings.adam_beta1, settings.adam_beta2))
             generator = torch.Generator().manual_seed(settings.seed)
-            durations = []
+            durations: list[float] = []
             for step in range(steps + 1):
                 windows = torch.randint(0, settings.vocab_size, (settings.batch_size, settings.seq_len),
                                         generator=generator)
                 step_started = time.perf_counter()
-                output = model(input_ids=windows, output_router_logits=True, use_cache=False)
-                lm_loss = _next_token_loss(output.logits, windows, "mean")
-                loss = lm_loss + settings.router_aux_loss_coef * output.aux_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                _training_step(model, optimizer, windows, timed_settings)
                 if step >= 1:
                     durations.append(time.perf_counter() - step_started)
         results[implementation] = {"min_s": min(durations), "median_s": statistics.median(durations),
@@ -897,7 +966,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "and print where it is and its numbers.",
     )
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="directory that holds cached models (default: $GEMOE_CACHE, else ~/.cache/gemoe)")
+                        help="directory of cached models (default: $GEMOE_CACHE, else ~/.cache/gemoe)")
     parser.add_argument("--force", action="store_true", help="retrain even when the cache has the model")
     parser.add_argument("--quiet", action="store_true", help="print no progress lines on stderr")
     parser.add_argument("--time-experts-implementations", metavar="STEPS", type=int, default=None,
@@ -911,7 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings = time_experts_implementations(ReferenceModelSettings(), steps=args.time_experts_implementations,
                                                progress=not args.quiet)
         for implementation, timing in timings.items():
-            print(f"{implementation}: {timing['median_s']:.3f} s per step (median; min {timing['min_s']:.3f}, "
+            print(f"{implementation}: {timing['median_s']:.3f} s per step (median, min {timing['min_s']:.3f}, "
                   f"max {timing['max_s']:.3f})")
         return 0
 

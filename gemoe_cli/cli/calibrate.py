@@ -31,7 +31,46 @@ def _check_output(path: Path, option: str) -> None:
         raise InvalidInputError(f"{option} {path}: folder {folder} does not exist; create it first.")
 
 
+PRESET_KEYS = (
+    "target_sparsity",
+    "min_retention",
+    "metric",
+    "dataset",
+    "num_samples",
+    "seq_len",
+    "batch_size",
+    "seed",
+    "heldout_fraction",
+    "k_min",
+    "k_max",
+    "renormalize",
+    "policy",
+    "per_modality",
+)
+
+
+def _preset_options(path: Path, context: typer.Context) -> dict:
+    """Read the `calibrate:` settings of a preset in recipes/, keeping only options not given on the command line."""
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise InvalidInputError(f"cannot read --recipe {path}: {error}; pass a preset from recipes/.") from error
+    settings = data.get("calibrate") if isinstance(data, dict) else None
+    if not isinstance(settings, dict):
+        raise InvalidInputError(f"--recipe {path} has no 'calibrate:' mapping; pass a preset from recipes/.")
+    unknown = sorted(set(settings) - set(PRESET_KEYS))
+    if unknown:
+        raise InvalidInputError(f"--recipe {path} has unknown setting {unknown[0]!r}; use {', '.join(PRESET_KEYS)}.")
+    return {
+        key: value
+        for key, value in settings.items()
+        if getattr(context.get_parameter_source(key), "name", "DEFAULT") == "DEFAULT"
+    }
+
+
 def calibrate_command(
+    context: typer.Context,
     model: Annotated[str, typer.Argument(help="Hugging Face hub id or local model directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Recipe file to write (.yaml or .json).")] = Path(
         "recipe.yaml"
@@ -109,6 +148,10 @@ def calibrate_command(
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
     ] = False,
+    preset: Annotated[
+        Path | None,
+        typer.Option("--recipe", help="Calibration settings from recipes/; options given here override them."),
+    ] = None,
 ) -> None:
     """Fit per-layer gating-entropy thresholds on calibration data and write a recipe.
 
@@ -117,6 +160,22 @@ def calibrate_command(
     samples through their own processor and chat template; --per-modality gives image and text tokens
     thresholds of their own.
     """
+    if preset is not None:
+        settings = _preset_options(preset, context)
+        target_sparsity = settings.get("target_sparsity", target_sparsity)
+        min_retention = settings.get("min_retention", min_retention)
+        metric = settings.get("metric", metric)
+        dataset = settings.get("dataset", dataset)
+        num_samples = settings.get("num_samples", num_samples)
+        seq_len = settings.get("seq_len", seq_len)
+        batch_size = settings.get("batch_size", batch_size)
+        seed = settings.get("seed", seed)
+        heldout_fraction = settings.get("heldout_fraction", heldout_fraction)
+        k_min = settings.get("k_min", k_min)
+        k_max = settings.get("k_max", k_max)
+        renormalize = settings.get("renormalize", renormalize)
+        policy = settings.get("policy", policy)
+        per_modality = settings.get("per_modality", per_modality)
     _check_budget("--target-sparsity", target_sparsity)
     _check_budget("--min-retention", min_retention)
     if target_sparsity is None and min_retention is None:

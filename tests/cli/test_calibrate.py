@@ -196,3 +196,55 @@ def test_sigint_leaves_no_partial_recipe(model_dir, tmp_path):
     assert code == 130, stderr[-2000:]
     assert "interrupted" in stderr
     assert list(output.parent.iterdir()) == []
+
+
+def test_preset_settings_apply_and_command_line_overrides(model_dir, tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("model: tiny\ncalibrate:\n  target_sparsity: 0.2\n  seed: 3\n  num_samples: 24\nthresholds: {}\n")
+    output = tmp_path / "r.yaml"
+
+    result = runner.invoke(
+        app,
+        [
+            "calibrate",
+            model_dir,
+            "--recipe",
+            str(preset),
+            "--seq-len",
+            "32",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+            "-o",
+            str(output),
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    calibration = yaml.safe_load(output.read_text())["calibration"]
+    assert calibration["budget"]["target_sparsity"] == 0.2
+    assert calibration["data"]["seed"] == 5
+
+
+def test_preset_with_unknown_setting(model_dir, tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("calibrate:\n  target_sparsty: 0.2\n")
+
+    result = runner.invoke(app, ["calibrate", model_dir, "--recipe", str(preset), "-o", str(tmp_path / "r.yaml")])
+
+    assert result.exit_code == 2
+    assert "unknown setting 'target_sparsty'" in result.stderr
+
+
+def test_shipped_presets_are_valid():
+    from pathlib import Path
+
+    from gemoe_cli.cli.calibrate import PRESET_KEYS
+
+    presets = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+    assert len(presets) >= 5
+    for path in presets:
+        data = yaml.safe_load(path.read_text())
+        assert set(data["calibrate"]) <= set(PRESET_KEYS), path.name
+        assert 0 < data["calibrate"]["target_sparsity"] < 1, path.name

@@ -24,7 +24,7 @@ BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 
 @dataclass(frozen=True)
 class FamilyAdapter:
-    """How adaptive routing attaches to one family's MoE blocks.
+    """The attachment rules of adaptive routing for one family's MoE blocks.
 
     Attributes:
         name: the family name shown to users.

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 Scoring = Literal["softmax", "sigmoid", "probabilities"] | Callable[[torch.Tensor], torch.Tensor]
-"""How a router's raw output becomes the gating distribution.
+"""The rule that turns a router's raw output into the gating distribution.
 
 - ``softmax``: the output is logits, ``p = softmax(logits)``.
 - ``sigmoid``: the output is logits of a sigmoid-scored router, ``p = sigmoid(logits) / sum(sigmoid(logits))``.
@@ -54,8 +54,9 @@ def selection_scores(router_output: torch.Tensor, scoring: Scoring, bias: torch.
     """Return the scores the router ranks experts by (T, E).
 
     A score-correction bias is added to the router's scores (sigmoid, or softmax probabilities as in
-    ERNIE 4.5); it only reorders experts and never enters the gating distribution. Without a bias,
-    softmax routers rank by logits, which orders experts like the probabilities without underflow ties.
+    ERNIE 4.5). It only reorders experts and never enters the gating distribution. Without a bias,
+    softmax routers rank by logits, because logits order experts like the probabilities but never tie
+    through underflow.
     """
     scores = router_output.float()
     if scoring == "sigmoid":

@@ -5,9 +5,9 @@ output and its static top-K selection, and returns the kept slots of the adaptiv
 ``k_max`` slots per token. Its semantics are those of `gemoe_cli.routing` (see docs/onnx-ops.md).
 
 Each exported node carries a model-local FunctionProto body built from standard ONNX ops only, so a
-runtime without a ``ai.gemoe`` kernel (stock onnxruntime) runs the body, and a runtime with a kernel can
+runtime without an ``ai.gemoe`` kernel (stock onnxruntime) runs the body, and a runtime with a kernel can
 replace it. String attributes (scoring, renormalize) change the structure of the computation, and ONNX
-functions cannot branch on them. Each attribute combination therefore gets its own body, told apart by
+functions cannot branch on them. Each attribute combination therefore gets its own body, identified by
 the FunctionProto ``overload`` field (IR version 10 and later).
 
 Legend for shape comments: T tokens, E experts, K slots of the static selection, M = k_max slots.

@@ -159,6 +159,11 @@ def test_sigint_leaves_no_partial_recipe(model_dir, tmp_path):
 
     output = tmp_path / "out" / "recipe.yaml"
     output.parent.mkdir()
+    # Text the tiny tokenizer knows, so the run has thousands of blocks and is still busy when interrupted.
+    dataset = tmp_path / "long.txt"
+    dataset.write_text(
+        "\n\n".join(["Routers send each token to a few experts. A confident router needs fewer."] * 5000)
+    )
     command = [
         sys.executable,
         "-m",
@@ -168,6 +173,8 @@ def test_sigint_leaves_no_partial_recipe(model_dir, tmp_path):
         model_dir,
         "--target-sparsity",
         "0.3",
+        "--dataset",
+        str(dataset),
         "--num-samples",
         "4000",
         "--seq-len",
@@ -187,7 +194,7 @@ def test_sigint_leaves_no_partial_recipe(model_dir, tmp_path):
         seen.append(line)
         if "adaptive routing attached" in line or time.monotonic() > deadline:
             break
-    time.sleep(1.0)
+    time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     stderr = "".join(seen) + process.stderr.read()
     code = process.wait(timeout=120)

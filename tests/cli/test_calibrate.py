@@ -187,7 +187,15 @@ def test_sigint_leaves_no_partial_recipe(model_dir, tmp_path):
         str(tmp_path / "out" / "report.json"),
     ]
     environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+    # A shell running this suite in the background starts children with SIGINT ignored, as a terminal never
+    # would, so the child gets the default disposition back (Python then turns SIGINT into KeyboardInterrupt).
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     # Log lines can reach the pipe late, so interrupt after a fixed delay: the run lasts far longer, and
     # wherever Ctrl-C lands (loading, data, calibration) it must leave nothing behind.
     time.sleep(6.0)

@@ -12,24 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 from gemoe_cli import __version__
 from gemoe_cli.atomic import atomic_directory
 from gemoe_cli.errors import InvalidInputError
-from gemoe_cli.recipe import Recipe
+from gemoe_cli.recipe import Recipe, encode_threshold
 
 logger = logging.getLogger(__name__)
 
 REMOTE_CODE_FILE = "modeling_gemoe.py"
 REMOTE_CLASS_NAME = "GemoeModel"
 CONFIG_KEY = "gemoe"
-
-
-def _encode_threshold(value: float) -> float | str:
-    # JSON has no infinity; strings keep config.json standard JSON and float() reads them back.
-    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
 def gemoe_config_section(recipe: Recipe) -> dict:
@@ -46,14 +40,14 @@ def gemoe_config_section(recipe: Recipe) -> dict:
         "k_max": recipe.routing.k_max,
         "renormalize": recipe.routing.renormalize,
         "thresholds": {
-            path: [_encode_threshold(value) for value in layer.thresholds] for path, layer in recipe.layers.items()
+            path: [encode_threshold(value) for value in layer.thresholds] for path, layer in recipe.layers.items()
         },
         "router_fingerprint": recipe.model.router_fingerprint,
         "measured": measured,
     }
     if recipe.per_modality:
         section["modality_thresholds"] = {
-            path: {name: [_encode_threshold(value) for value in values] for name, values in layer.modalities.items()}
+            path: {name: [encode_threshold(value) for value in values] for name, values in layer.modalities.items()}
             for path, layer in recipe.layers.items()
             if layer.modalities
         }

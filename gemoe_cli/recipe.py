@@ -50,6 +50,11 @@ def _parse_infinity_string(value: Any) -> Any:
     return parsed
 
 
+def encode_threshold(value: float) -> float | str:
+    """Return a threshold as standard JSON holds it: infinities as the strings "inf" and "-inf"."""
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
 Threshold = Annotated[float, BeforeValidator(_parse_infinity_string), Field(strict=True)]
 """A gating-entropy threshold in nats. Strict, so `true` is rejected instead of read as 1.0."""
 
@@ -422,9 +427,7 @@ def _replace_non_finite_floats(value: Any) -> Any:
     # NOTE: thresholds read the strings back as floats, but inside the free-form `calibration` mapping
     # they stay strings after a JSON round trip.
     if isinstance(value, float) and not math.isfinite(value):
-        if math.isnan(value):
-            return "nan"
-        return "inf" if value > 0 else "-inf"
+        return "nan" if math.isnan(value) else encode_threshold(value)
     if isinstance(value, dict):
         return {key: _replace_non_finite_floats(item) for key, item in value.items()}
     if isinstance(value, list):

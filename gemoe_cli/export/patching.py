@@ -33,6 +33,7 @@ import torch
 
 from gemoe_cli.errors import InvalidInputError, UnsupportedModelError
 from gemoe_cli.export.torch_ops import ORT_MOE_BACKGROUND
+from gemoe_cli.recipe import encode_threshold
 from gemoe_cli.routing.discovery import MoEBlock, find_moe_blocks, static_selection_bias
 from gemoe_cli.routing.dispatch import decorated_expert_forward
 from gemoe_cli.routing.families import BIAS_NAMES
@@ -77,15 +78,13 @@ class RoutingSpec:
 
     def as_json(self) -> dict:
         """Return the settings as JSON-safe data (infinite thresholds as the strings "inf" and "-inf")."""
-
-        def encode(value: float) -> float | str:
-            return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
-
         return {
             "k_min": self.k_min,
             "k_max": self.k_max,
             "renormalize": self.renormalize,
-            "thresholds": {path: [encode(float(v)) for v in values] for path, values in self.thresholds.items()},
+            "thresholds": {
+                path: [encode_threshold(float(value)) for value in values] for path, values in self.thresholds.items()
+            },
         }
 
 

@@ -26,7 +26,7 @@ from types import MethodType
 
 import torch
 
-from gemoe_cli.routing.discovery import MoEBlock, find_moe_blocks, static_selection_bias
+from gemoe_cli.routing.discovery import MoEBlock, find_moe_blocks, selection_bias_source
 from gemoe_cli.routing.dispatch import EXPERTS_IMPLEMENTATION, register_experts_implementation, sparse_experts_forward
 from gemoe_cli.routing.families import BIAS_NAMES
 from gemoe_cli.routing.gating import gating_distribution, gating_entropy, selection_scores
@@ -108,6 +108,8 @@ class AdaptiveLayer:
         self.baseline = None
         """A baseline policy (`gemoe_cli.routing.baselines`) that replaces the entropy thresholds when set."""
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # Found once: searching the router and block on every forward pass costs more than routing a token.
+        self._bias_source = selection_bias_source(moe.block, moe.router)
         self.reset_counters()
 
     @property
@@ -127,7 +129,6 @@ class AdaptiveLayer:
         self.modality_thresholds = parsed
 
     def reset_counters(self) -> None:
-        self._tokens = torch.zeros((), dtype=torch.int64)
         self._k_histogram = torch.zeros(self.k_max + 1, dtype=torch.int64)
         self._nonfinite = torch.zeros((), dtype=torch.int64)
         self._modality_histogram = torch.zeros((len(MODALITIES), self.k_max + 1), dtype=torch.int64)
@@ -136,7 +137,7 @@ class AdaptiveLayer:
         histogram = self._k_histogram.tolist()
         by_modality = {MODALITIES[code]: row for code, row in enumerate(self._modality_histogram.tolist()) if any(row)}
         return LayerCounters(
-            tokens=int(self._tokens),
+            tokens=sum(histogram),  # every counted token adds one to exactly one bin
             active_pairs=sum(k * count for k, count in enumerate(histogram)),
             k_histogram=histogram,
             nonfinite_tokens=int(self._nonfinite),
@@ -174,7 +175,7 @@ class AdaptiveLayer:
         distribution = gating_distribution(scores, self.scoring)  # (T, E)
         entropy = gating_entropy(distribution)  # (T,)
         nonfinite = ~torch.isfinite(scores).all(dim=-1)
-        entropy = torch.where(nonfinite, torch.full_like(entropy, float("nan")), entropy)
+        entropy = entropy.masked_fill(nonfinite, float("nan"))
         modality = self.token_modalities(entropy.size(0), entropy.device)  # (T,) or None
         k = experts_per_token(entropy, self.thresholds, self.k_min, self.k_max)  # (T,)
         if modality is not None:
@@ -208,7 +209,7 @@ class AdaptiveLayer:
         dropped = (
             self.moe.num_experts if _skips_sentinel(self.moe.experts) else _best_slot_index(top_k_index, slot_scores)
         )
-        return truncate_selection(top_k_index, top_k_weights, slot_scores, k, self.renormalize, dropped)
+        return truncate_selection(top_k_index, top_k_weights, slot_scores, k, self.renormalize, dropped, ranks)
 
     def _selection_bias(self, args, kwargs) -> torch.Tensor | None:
         if self.moe.adapter.bias_from_argument:
@@ -216,15 +217,14 @@ class AdaptiveLayer:
                 if isinstance(kwargs.get(name), torch.Tensor):
                     return kwargs[name]
             return args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
-        return static_selection_bias(self.moe.block, self.moe.router)
+        return None if self._bias_source is None else getattr(*self._bias_source)
 
     def _count(self, k: torch.Tensor, nonfinite: torch.Tensor, modality: torch.Tensor | None) -> None:
         device = k.device
         if self._k_histogram.device != device:
-            self._tokens, self._k_histogram, self._nonfinite, self._modality_histogram = (
-                t.to(device) for t in (self._tokens, self._k_histogram, self._nonfinite, self._modality_histogram)
+            self._k_histogram, self._nonfinite, self._modality_histogram = (
+                t.to(device) for t in (self._k_histogram, self._nonfinite, self._modality_histogram)
             )
-        self._tokens += k.numel()
         self._k_histogram += torch.bincount(k, minlength=self.k_max + 1)[: self.k_max + 1]
         self._nonfinite += nonfinite.sum()
         if modality is not None:

@@ -54,11 +54,16 @@ class MoEBlock:
 
 def static_selection_bias(block: torch.nn.Module, router: torch.nn.Module) -> torch.Tensor | None:
     """Return the score-correction bias stored on the router (or a child of it) or the block, if any."""
+    source = selection_bias_source(block, router)
+    return None if source is None else getattr(*source)
+
+
+def selection_bias_source(block: torch.nn.Module, router: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+    """Return (module, attribute name) of the score-correction bias that `static_selection_bias` finds."""
     for owner in (router, *router.children(), block):
         for name in BIAS_NAMES:
-            value = getattr(owner, name, None)
-            if isinstance(value, torch.Tensor):
-                return value
+            if isinstance(getattr(owner, name, None), torch.Tensor):
+                return owner, name
     return None
 
 
@@ -81,7 +86,10 @@ def resolve_adapter(model: torch.nn.Module) -> FamilyAdapter:
         adapter = adapter_for(candidate)
         if adapter is not None:
             if adapter.unsupported:
-                raise UnsupportedModelError(f"model type {model_type!r} is not supported: {adapter.unsupported}.")
+                raise UnsupportedModelError(
+                    f"model type {model_type!r} is not supported: {adapter.unsupported}; use a model of a supported "
+                    "family (`gemoe inspect --list-families` lists them)."
+                )
             return adapter
     raise UnsupportedModelError(
         f"model type {model_type!r} is not a supported MoE family; run `gemoe inspect --list-families` "

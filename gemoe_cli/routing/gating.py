@@ -45,9 +45,7 @@ def gating_entropy(distribution: torch.Tensor) -> torch.Tensor:
 
     Zero probabilities contribute 0 (the limit of p log p), so a one-hot row has entropy 0. NaN stays NaN.
     """
-    log_p = torch.log(distribution.clamp_min(torch.finfo(distribution.dtype).tiny))
-    terms = torch.where(distribution == 0, torch.zeros_like(distribution), distribution * log_p)
-    return -terms.sum(dim=-1)
+    return torch.special.entr(distribution).sum(dim=-1)  # entr(p) = -p log p, and entr(0) = 0
 
 
 def selection_scores(router_output: torch.Tensor, scoring: Scoring, bias: torch.Tensor | None) -> torch.Tensor:

@@ -42,5 +42,5 @@ def experts_per_token(entropy: torch.Tensor, thresholds: torch.Tensor, k_min: in
     Non-finite entropy (from non-finite router logits) maps to ``k_max``.
     """
     crossed = (entropy.unsqueeze(-1) > thresholds.to(entropy.device, entropy.dtype)).sum(dim=-1)  # (T,)
-    k = (crossed + k_min).clamp(k_min, k_max)
-    return torch.where(torch.isfinite(entropy), k, torch.full_like(k, k_max))
+    k = (crossed + k_min).clamp_(k_min, k_max)
+    return k.masked_fill_(~torch.isfinite(entropy), k_max)

@@ -31,6 +31,7 @@ def truncate_selection(
     k: torch.Tensor,
     renormalize: Renormalize,
     dropped_index: torch.Tensor | int,
+    ranks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the `k` best-scored slots of each token and drop the rest.
 
@@ -42,19 +43,21 @@ def truncate_selection(
         renormalize: ``preserve_mass`` rescales kept weights to the original weight sum, ``none`` keeps them.
         dropped_index: index written into dropped slots, either the sentinel ``E`` or a (T, K) tensor of
             valid experts for implementations that cannot skip the sentinel (their weight is 0 either way).
+        ranks: `rank_slots(slot_scores)`, when the caller has it already.
 
     Returns:
         The new (T, K) index and weights. Tokens with ``k == K`` are returned bit-for-bit unchanged.
     """
-    keep = rank_slots(slot_scores) < k.unsqueeze(-1)  # (T, K)
-    weights = torch.where(keep, top_k_weights, torch.zeros_like(top_k_weights))
+    if ranks is None:
+        ranks = rank_slots(slot_scores)
+    keep = ranks < k.unsqueeze(-1)  # (T, K)
+    weights = torch.where(keep, top_k_weights, 0.0)
 
     if renormalize == "preserve_mass":
-        total = top_k_weights.sum(dim=-1, keepdim=True)  # (T, 1)
-        kept = weights.sum(dim=-1, keepdim=True)
-        truncated = (k < top_k_index.size(-1)).unsqueeze(-1) & (kept != 0) & torch.isfinite(total / kept)
-        scale = torch.where(truncated, total / torch.where(kept != 0, kept, torch.ones_like(kept)), 1.0)
-        weights = torch.where(truncated, weights * scale, weights)
+        # A token that kept no mass gets an infinite or NaN scale, so the finiteness test also covers it.
+        scale = top_k_weights.sum(dim=-1, keepdim=True) / weights.sum(dim=-1, keepdim=True)  # (T, 1)
+        rescaled = (k < top_k_index.size(-1)).unsqueeze(-1) & torch.isfinite(scale)
+        weights = torch.where(rescaled, weights * scale, weights)
 
     index = torch.where(keep, top_k_index, dropped_index)
     return index, weights.to(top_k_weights.dtype)

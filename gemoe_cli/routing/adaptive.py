@@ -108,7 +108,7 @@ class AdaptiveLayer:
         self.baseline = None
         """A baseline policy (`gemoe_cli.routing.baselines`) that replaces the entropy thresholds when set."""
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        # Found once: searching the router and block on every forward pass costs more than routing a token.
+        # Found once, because searching the router and the block on every call adds microseconds to each decode step.
         self._bias_source = selection_bias_source(moe.block, moe.router)
         self.reset_counters()
 
@@ -137,7 +137,7 @@ class AdaptiveLayer:
         histogram = self._k_histogram.tolist()
         by_modality = {MODALITIES[code]: row for code, row in enumerate(self._modality_histogram.tolist()) if any(row)}
         return LayerCounters(
-            tokens=sum(histogram),  # every counted token adds one to exactly one bin
+            tokens=sum(histogram),  # Every counted token adds one to exactly one bin.
             active_pairs=sum(k * count for k, count in enumerate(histogram)),
             k_histogram=histogram,
             nonfinite_tokens=int(self._nonfinite),

@@ -57,10 +57,17 @@ class ExportResult:
 
 # --- routing settings --------------------------------------------------------------------------------
 
-_PER_MODALITY_MESSAGE = (
-    "{source} has per-modality thresholds; ONNX export writes a text-only decoder with one threshold list per "
-    "layer, so export with a recipe without modality thresholds."
-)
+def _text_thresholds(shared: dict[str, list[float]], by_modality: dict[str, dict[str, list[float]]], source: str):
+    """Return per-layer thresholds for the text-only decoder: each layer's `text` thresholds where it has them.
+
+    The exported graph takes token ids only, so every token it routes is a text token.
+    """
+    thresholds = dict(shared)
+    for path, modalities in by_modality.items():
+        if "text" in modalities:
+            thresholds[path] = list(modalities["text"])
+    logger.info("%s has per-modality thresholds; the text-only decoder routes with the text thresholds", source)
+    return thresholds
 
 
 def routing_from_checkpoint(source: str) -> RoutingSpec | None:
@@ -75,25 +82,32 @@ def routing_from_checkpoint(source: str) -> RoutingSpec | None:
     section = config.get("gemoe")
     if section is None:
         return None
-    if section.get("modality_thresholds"):
-        raise InvalidInputError(_PER_MODALITY_MESSAGE.format(source=source))
+    thresholds = {path: [float(value) for value in values] for path, values in section["thresholds"].items()}
+    by_modality = {
+        path: {name: [float(value) for value in values] for name, values in modalities.items()}
+        for path, modalities in (section.get("modality_thresholds") or {}).items()
+    }
+    if by_modality:
+        thresholds = _text_thresholds(thresholds, by_modality, source)
     return RoutingSpec(
         k_min=int(section["k_min"]),
         k_max=None if section.get("k_max") is None else int(section["k_max"]),
         renormalize=section["renormalize"],
-        thresholds={path: [float(v) for v in values] for path, values in section["thresholds"].items()},
+        thresholds=thresholds,
     )
 
 
 def routing_from_recipe(recipe, source: str = "the recipe") -> RoutingSpec:
-    """Return the routing settings of a validated `Recipe`."""
-    if getattr(recipe, "per_modality", False):
-        raise InvalidInputError(_PER_MODALITY_MESSAGE.format(source=source))
+    """Return the routing settings of a validated `Recipe` (text thresholds from a per-modality one)."""
+    thresholds = {path: list(layer.thresholds) for path, layer in recipe.layers.items()}
+    if recipe.per_modality:
+        by_modality = {path: dict(layer.modalities) for path, layer in recipe.layers.items() if layer.modalities}
+        thresholds = _text_thresholds(thresholds, by_modality, source)
     return RoutingSpec(
         k_min=recipe.routing.k_min,
         k_max=recipe.resolved_k_max,
         renormalize=recipe.routing.renormalize,
-        thresholds={path: list(layer.thresholds) for path, layer in recipe.layers.items()},
+        thresholds=thresholds,
     )
 
 

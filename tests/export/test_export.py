@@ -10,15 +10,18 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from gemoe_cli.errors import InvalidInputError, RuntimeFailureError
+from gemoe_cli.cli.app import app
+from gemoe_cli.errors import RuntimeFailureError
 from gemoe_cli.export import decoder, ops
 from gemoe_cli.export.generate import greedy_generate
-from gemoe_cli.export.onnx_export import routing_from_checkpoint
+from gemoe_cli.export.onnx_export import export_onnx, routing_from_checkpoint
 from gemoe_cli.export.patching import RoutingSpec
 from gemoe_cli.export.validate import DEFAULT_CASES, session_feeds, validate_export
+from gemoe_cli.recipe import load_recipe
 from gemoe_cli.routing import attach_adaptive_routing, find_moe_blocks
-from tests import tiny_models
+from tests import tiny_models, tiny_vlms
 from tests.export.conftest import FAMILIES
 
 EOS = 2
@@ -137,21 +140,35 @@ def test_generation_stops_when_every_row_finished(exported):
     assert tokens[0, -1] == first
 
 
-def test_checkpoint_with_modality_thresholds_rejected(tmp_path):
-    config = {
-        "model_type": "olmoe",
-        "gemoe": {
-            "k_min": 1,
-            "k_max": 4,
-            "renormalize": "preserve_mass",
-            "thresholds": {},
-            "modality_thresholds": {"a": {"image": [1.0]}},
-        },
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
+def test_checkpoint_modality_thresholds_use_text(tmp_path):
+    shared = {"a": ["-inf"], "b": [0.5]}
+    by_modality = {"a": {"image": [1.0], "text": [2.0]}, "b": {"image": [3.0]}}
+    section = {"k_min": 1, "k_max": 2, "renormalize": "preserve_mass", "thresholds": shared}
+    section["modality_thresholds"] = by_modality
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe", "gemoe": section}))
 
-    with pytest.raises(InvalidInputError, match="per-modality thresholds"):
-        routing_from_checkpoint(str(tmp_path))
+    routing = routing_from_checkpoint(str(tmp_path))
+
+    assert routing.thresholds == {"a": [2.0], "b": [0.5]}
+
+
+def test_per_modality_recipe_exports_text_thresholds(tmp_path):
+    model_dir = tiny_vlms.save("qwen3_vl_moe", tiny_vlms.build("qwen3_vl_moe"), tmp_path / "model")
+    recipe_file = tmp_path / "recipe.yaml"
+    calibrate = ["calibrate", model_dir, "--target-sparsity", "0.3", "--per-modality", "--num-samples", "12"]
+    result = CliRunner().invoke(app, [*calibrate, "-o", str(recipe_file)])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(recipe_file)
+
+    export = export_onnx(model_dir, tmp_path / "onnx", recipe=recipe_file)
+
+    assert export.validation.passed
+    exported = {
+        path: [float(value) for value in values] for path, values in export.metadata["routing"]["thresholds"].items()
+    }
+    assert exported == {path: list(layer.modalities["text"]) for path, layer in recipe.layers.items()}
+    assert all(math.isfinite(value) for values in exported.values() for value in values)
+    assert all(value == -math.inf for layer in recipe.layers.values() for value in layer.thresholds)
 
 
 def test_checkpoint_routing_read_back(tmp_path):

@@ -88,11 +88,23 @@ class LazyCommand(TyperCommand):
             single = typer.Typer(add_completion=False, rich_markup_mode=self.rich_markup_mode)
             single.command(self.name)(function)
             self._command = get_command(single)
+            self._command.help = unwrap_paragraphs(self._command.help)
         return self._command
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         # The group invokes `sub_ctx.command`, so the real command runs and prints its own help.
         return self.load().make_context(info_name, args, parent=parent, **extra)
+
+
+def unwrap_paragraphs(text: str | None) -> str | None:
+    """Join the wrapped lines of each paragraph of a docstring, so that help wraps to the terminal width.
+
+    Rich help keeps single line breaks, which would otherwise cut lines at the docstring's width.
+    """
+    if not text:
+        return text
+    paragraphs = text.strip().split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in paragraphs)
 
 
 class RootGroup(TyperGroup):

@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from gemoe_cli import __version__
-from gemoe_cli.cli.app import app, create_app, main
+from gemoe_cli.cli.app import app, create_app, main, unwrap_paragraphs
 from gemoe_cli.errors import (
     GateFailedError,
     InvalidInputError,
@@ -74,6 +74,20 @@ def test_help_lists_inspect():
     assert "inspect" in result.stdout
     assert "--verbose" in result.stdout
     assert "--version" in result.stdout
+
+
+def test_unwrap_paragraphs_joins_lines():
+    text = "First line\n  wraps here.\n\nSecond paragraph."
+
+    assert unwrap_paragraphs(text) == "First line wraps here.\n\nSecond paragraph."
+    assert unwrap_paragraphs(None) is None
+
+
+def test_command_help_wraps_to_terminal():
+    result = runner.invoke(app, ["calibrate", "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+
+    assert result.exit_code == 0
+    assert "Sparsity and retention in the recipe are measured on a held-out part of the data" in result.stdout
 
 
 def test_short_help_flag():

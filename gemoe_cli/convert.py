@@ -131,19 +131,31 @@ def _save_preprocessors(source: str, directory: Path, trust_remote_code: bool) -
 
     from gemoe_cli.vlm import CHAT_TEMPLATE_FILE, PROCESSOR_FILES
 
+    # An OSError from loading means the source has no such files. From saving it means the output is broken
+    # (a full disk), so it is not caught there and the conversion stops.
     saved = []
     try:
-        AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(directory)
-        saved.append("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as error:
         logger.warning("no tokenizer saved: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+    else:
+        try:
+            tokenizer.save_pretrained(directory)
+            saved.append("tokenizer")
+        except (ValueError, TypeError, KeyError) as error:
+            logger.warning("no tokenizer saved: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
     try:
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-        if not hasattr(processor, "model_input_names") or type(processor).__name__.endswith("Processor"):
+    except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError):
+        processor = None
+    if processor is not None and (
+        not hasattr(processor, "model_input_names") or type(processor).__name__.endswith("Processor")
+    ):
+        try:
             processor.save_pretrained(directory)
             saved.append("processor")
-    except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError):
-        pass
+        except (ValueError, TypeError, KeyError, ImportError, AttributeError):
+            pass  # the processor files are copied from the source below
     source_path = Path(source)
     if "processor" not in saved and source_path.is_dir():
         copied = [name for name in (*PROCESSOR_FILES, CHAT_TEMPLATE_FILE) if (source_path / name).is_file()]

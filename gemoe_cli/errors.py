@@ -35,3 +35,7 @@ class RuntimeFailureError(GemoeError):
     """A step failed while running (out of memory, a backend error)."""
 
     exit_code = 3
+
+
+class DiskFullError(RuntimeFailureError):
+    """An output did not fit: the file system is full or the user's quota is reached."""

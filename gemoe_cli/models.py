@@ -83,6 +83,8 @@ def load_model(
     allow_pickle: bool = False,
 ):
     """Load a model with weights, from safetensors only unless `allow_pickle` is set."""
+    if device_map is not None:
+        check_device_map(device_map)
     config = load_config(source, trust_remote_code=trust_remote_code)
     auto_class = model_class_for(config)
     if device_map is None:
@@ -106,6 +108,30 @@ def load_model(
     except OSError as error:
         raise InvalidInputError(f"cannot load the weights of {source}: {str(error).splitlines()[0]}") from error
     return model.eval()
+
+
+def check_device_map(device_map: str) -> None:
+    """Raise `InvalidInputError` when `device_map` names a device this machine lacks, or accelerate is missing.
+
+    transformers places weights by `device_map` through the accelerate package.
+    """
+    import importlib.util
+
+    import torch
+
+    if (device_map.startswith("cuda") or device_map.isdigit()) and not torch.cuda.is_available():
+        raise InvalidInputError(
+            f"--device-map {device_map} is not available: no CUDA GPU found; use --device-map cpu or leave it out."
+        )
+    if device_map == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError(
+            "--device-map mps is not available on this machine; use --device-map cpu or leave it out."
+        )
+    if importlib.util.find_spec("accelerate") is None:
+        raise InvalidInputError(
+            f"--device-map {device_map} needs the accelerate package, which is not installed; "
+            "pip install accelerate, or leave --device-map out."
+        )
 
 
 def resolve_device(name: str) -> str:

@@ -363,11 +363,14 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike[str]) -> None:
     The text goes to a temporary file in the same folder, which then replaces `path`. On any failure the
     temporary file is removed and an existing file at `path` is left as it was.
     """
-    path = Path(path)
-    file_format = _file_format(path)
+    write_text_atomically(Path(path), recipe_text(recipe, path), what="recipe file")
+
+
+def recipe_text(recipe: Recipe, path: str | os.PathLike[str]) -> str:
+    """Validate `recipe` and return the text `save_recipe` writes to `path` (YAML or JSON by its suffix)."""
+    file_format = _file_format(Path(path))
     recipe.validate_self()
-    text = recipe_to_yaml(recipe) if file_format == "yaml" else recipe_to_json(recipe)
-    write_text_atomically(path, text, what="recipe file")
+    return recipe_to_yaml(recipe) if file_format == "yaml" else recipe_to_json(recipe)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -35,12 +35,13 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+    from tokenizers import Tokenizer
     from transformers import OlmoeForCausalLM, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,22 @@ class ReferenceModelSettings:
             raise ValueError("invalid reference model settings: " + "; ".join(problems))
 
 
+class CorpusSplitSettings(Protocol):
+    """Settings that `split_corpus` reads: `ReferenceModelSettings` or the vision-language model's settings."""
+
+    chunk_chars: int
+    heldout_every: int
+
+
+class LearningRateSchedule(Protocol):
+    """Settings that `learning_rate_at` reads."""
+
+    steps: int
+    warmup_steps: int
+    learning_rate: float
+    min_learning_rate_ratio: float
+
+
 # --- Corpus ------------------------------------------------------------------------------------------------
 
 
@@ -248,7 +265,7 @@ def _collect_docstrings(source: str) -> list[str]:
     return docstrings
 
 
-def split_corpus(corpus: Corpus, settings: ReferenceModelSettings) -> CorpusSplit:
+def split_corpus(corpus: Corpus, settings: CorpusSplitSettings) -> CorpusSplit:
     """Cut each document into paragraph chunks and hold out every `heldout_every`-th chunk of the whole corpus.
 
     The held-out chunks are spread over all documents. Training text never spans a held-out chunk: the
@@ -296,20 +313,10 @@ def train_tokenizer(texts: Sequence[str], settings: ReferenceModelSettings) -> P
     Encoding adds `<|bos|>` in front, as the training data has it. The tokenizer has pad, bos and eos tokens,
     the role tokens of `CHAT_TEMPLATE`, and that template.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    special_tokens = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=settings.vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
+    backend = train_byte_level_bpe(texts, settings.vocab_size, [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS])
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",
         pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
@@ -323,6 +330,23 @@ def train_tokenizer(texts: Sequence[str], settings: ReferenceModelSettings) -> P
         model_max_length=settings.max_position_embeddings,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def train_byte_level_bpe(texts: Sequence[str], vocab_size: int, special_tokens: Sequence[str]) -> Tokenizer:
+    """Train a byte-level BPE `tokenizers.Tokenizer` on `texts`. Special tokens get the ids 0, 1, 2, ... in order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return backend
 
 
 def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> torch.Tensor:
@@ -380,7 +404,7 @@ def seeded_torch(seed: int, deterministic_algorithms: bool) -> Iterator[None]:
             torch.use_deterministic_algorithms(previous_enabled, warn_only=previous_warn_only)
 
 
-def learning_rate_at(step: int, settings: ReferenceModelSettings) -> float:
+def learning_rate_at(step: int, settings: LearningRateSchedule) -> float:
     """Return the learning rate of a 0-based step: linear warm-up, then cosine decay to the minimum."""
     if step < settings.warmup_steps:
         return settings.learning_rate * (step + 1) / settings.warmup_steps
@@ -407,17 +431,21 @@ class TrainingResult:
     tokens_seen: int
 
 
-def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Return OLMoE's load-balancing loss computed for each MoE layer on its own, averaged over layers.
 
     transformers' `OlmoeForCausalLM` pools the router logits of all layers into one loss (transformers 5.23), which
     lets a single layer starve an expert while the pooled load stays even. The value is `top_k` when every layer
-    spreads its tokens and probability mass evenly.
+    spreads its tokens and probability mass evenly. An `attention_mask` (B, T) leaves padding tokens out.
     """
     import torch
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
-    per_layer = [load_balancing_loss_func((logits,), num_experts, top_k) for logits in router_logits]  # each (T, E)
+    per_layer = [  # each logits tensor is (B * T, E)
+        load_balancing_loss_func((logits,), num_experts, top_k, attention_mask) for logits in router_logits
+    ]
     return torch.stack(per_layer).mean()
 
 
@@ -473,16 +501,17 @@ def train_model(
             recent = statistics.fmean(lm_losses[-100:])
             loss_curve.append((done, round(recent, 4)))
             elapsed = time.perf_counter() - started - eval_time
-            _report(progress, f"step {done}/{settings.steps}: loss {recent:.3f}, aux loss {aux_losses[-1]:.3f}, "
-                              f"lr {learning_rate_at(step, settings):.2e}, {elapsed:.0f} s")
+            report_progress(progress, f"step {done}/{settings.steps}: loss {recent:.3f}, "
+                                      f"aux loss {aux_losses[-1]:.3f}, lr {learning_rate_at(step, settings):.2e}, "
+                                      f"{elapsed:.0f} s")
         if heldout is not None and (done % settings.heldout_eval_every == 0 or done == settings.steps):
             eval_started = time.perf_counter()
             evaluation = evaluate_language_model(model, heldout, settings.eval_batch_size)
             model.train()
             eval_time += time.perf_counter() - eval_started
             heldout_curve.append((done, round(evaluation.loss, 4), round(evaluation.mean_normalized_entropy, 4)))
-            _report(progress, f"step {done}: held-out loss {evaluation.loss:.3f}, "
-                              f"normalised gating entropy {evaluation.mean_normalized_entropy:.3f}")
+            report_progress(progress, f"step {done}: held-out loss {evaluation.loss:.3f}, "
+                                      f"normalised gating entropy {evaluation.mean_normalized_entropy:.3f}")
     model.eval()
     return TrainingResult(
         final_train_loss=statistics.fmean(lm_losses[-50:]),
@@ -612,18 +641,19 @@ def evaluate_language_model(model: OlmoeForCausalLM, windows: torch.Tensor, batc
     )
 
 
-def with_unit_variance_routers(model: OlmoeForCausalLM, generator: torch.Generator) -> OlmoeForCausalLM:
+def with_unit_variance_routers(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
     """Return a copy of `model` whose router weights are redrawn from N(0, 1 / hidden_size).
 
-    transformers initialises OLMoE routers from N(0, 0.02**2), which gives near-uniform gates. Routers whose
-    logits have a standard deviation near 1 are a stricter random baseline for gating entropy.
+    transformers initialises OLMoE and Qwen3-VL-MoE routers from N(0, 0.02**2), which gives near-uniform gates.
+    Routers whose logits have a standard deviation near 1 are a stricter random baseline for gating entropy. The
+    routers are the `mlp.gate` modules of the layers of `model.get_decoder()`.
     """
     import torch
 
     randomized = copy.deepcopy(model)
-    std = 1.0 / math.sqrt(model.config.hidden_size)
+    std = 1.0 / math.sqrt(model.config.get_text_config().hidden_size)
     with torch.no_grad():
-        for layer in randomized.model.layers:
+        for layer in randomized.get_decoder().layers:
             weight = layer.mlp.gate.weight
             weight.copy_(torch.randn(weight.shape, generator=generator) * std)
     return randomized
@@ -669,9 +699,9 @@ def reference_model_path(cache_dir: Path | None = None, settings: ReferenceModel
     return cache_dir / (MODEL_DIR_PREFIX + reference_model_key(settings, load_corpus().sha256()))
 
 
-def is_complete_model_dir(directory: Path) -> bool:
-    """Return whether `directory` has every file of `REQUIRED_FILES`."""
-    return all((directory / file_name).is_file() for file_name in REQUIRED_FILES)
+def is_complete_model_dir(directory: Path, required_files: Sequence[str] = REQUIRED_FILES) -> bool:
+    """Return whether `directory` has every file of `required_files`."""
+    return all((directory / file_name).is_file() for file_name in required_files)
 
 
 def ensure_reference_model(
@@ -697,25 +727,49 @@ def ensure_reference_model(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     corpus = load_corpus()
     key = reference_model_key(settings, corpus.sha256())
-    name = MODEL_DIR_PREFIX + key
+
+    def build(partial: Path) -> None:
+        build_reference_model(partial, settings, corpus, key=key, progress=progress)
+
+    target = ensure_cached_build(cache_dir, MODEL_DIR_PREFIX + key, REQUIRED_FILES, build, progress=progress,
+                                 force=force)
+    return target
+
+
+def ensure_cached_build(
+    cache_dir: Path,
+    name: str,
+    required_files: Sequence[str],
+    build: Callable[[Path], object],
+    *,
+    progress: bool,
+    force: bool,
+) -> Path:
+    """Return `cache_dir / name`, first calling `build(partial_dir)` when it lacks a file of `required_files`.
+
+    `build` writes the model into an empty hidden sibling directory, which is renamed to `name` once `build`
+    returns, so an interrupted build leaves nothing under the final name. An exclusive lock on `name.lock`
+    serialises builds between processes, and a process that waited for it reuses the other's model. `force`
+    builds again even when the directory is complete.
+    """
     target = cache_dir / name
-    if not force and is_complete_model_dir(target):
+    if not force and is_complete_model_dir(target, required_files):
         return target
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(cache_dir / f"{name}.lock", progress):
         # Another process may have finished training while this one waited for the lock.
-        if not force and is_complete_model_dir(target):
+        if not force and is_complete_model_dir(target, required_files):
             return target
         _remove_partial_builds(cache_dir, name)
         partial = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=cache_dir))
         try:
-            build_reference_model(partial, settings, corpus, key=key, progress=progress)
+            build(partial)
             _replace_directory(partial, target)
         finally:
             if partial.exists():
                 shutil.rmtree(partial)
-    _report(progress, f"reference model saved to {target}")
+    report_progress(progress, f"model saved to {target}")
     return target
 
 
@@ -725,7 +779,7 @@ def _exclusive_lock(lock_path: Path, progress: bool) -> Iterator[None]:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _report(progress, f"waiting for {lock_path}: another process is training this model")
+            report_progress(progress, f"waiting for {lock_path}: another process is training this model")
             fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield
@@ -769,8 +823,8 @@ def build_reference_model(
     tokenizer = train_tokenizer(split.train_segments, settings)
     train_tokens = encode_documents(tokenizer, split.train_segments)
     windows = heldout_windows(tokenizer, split.heldout_text, settings.seq_len)
-    _report(progress, f"corpus: {corpus.characters:,} characters, {train_tokens.numel():,} training tokens, "
-                      f"{windows.numel():,} held-out tokens")
+    report_progress(progress, f"corpus: {corpus.characters:,} characters, {train_tokens.numel():,} training "
+                              f"tokens, {windows.numel():,} held-out tokens")
 
     with seeded_torch(settings.seed, settings.deterministic_algorithms):
         model = build_model(settings, tokenizer)
@@ -778,13 +832,13 @@ def build_reference_model(
         random_init = evaluate_language_model(model, windows, settings.eval_batch_size)
         unit_routers = evaluate_language_model(with_unit_variance_routers(model, generator), windows,
                                                settings.eval_batch_size)
-        _report(progress, f"training {_count_parameters(model):,} parameters for {settings.steps} steps "
-                          f"of {settings.batch_size} x {settings.seq_len} tokens")
+        report_progress(progress, f"training {count_parameters(model):,} parameters for {settings.steps} steps "
+                                  f"of {settings.batch_size} x {settings.seq_len} tokens")
         training = train_model(model, train_tokens, settings, generator=generator, heldout=windows,
                                progress=progress)
         trained = evaluate_language_model(model, windows, settings.eval_batch_size)
 
-    with _transformers_progress_bars(progress):
+    with transformers_progress_bars(progress):
         model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     (output_dir / "heldout.txt").write_text(split.heldout_text, encoding="utf-8")
@@ -805,7 +859,8 @@ def build_reference_model(
 
 
 @contextlib.contextmanager
-def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
+def transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    """Hide transformers' progress bars inside the block unless `enabled`, and restore the previous setting."""
     from transformers.utils import logging as transformers_logging
 
     previously_enabled = transformers_logging.is_progress_bar_enabled()
@@ -818,7 +873,7 @@ def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def _count_parameters(model: OlmoeForCausalLM) -> int:
+def count_parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
@@ -838,7 +893,7 @@ def _training_record(
     import torch
 
     expert_parameters = sum(parameter.numel() for name, parameter in model.named_parameters() if ".experts." in name)
-    total_parameters = _count_parameters(model)
+    total_parameters = count_parameters(model)
     active_parameters = total_parameters - expert_parameters * (1 - settings.num_experts_per_tok / settings.num_experts)
     return {
         "trainer_version": TRAINER_VERSION,
@@ -921,14 +976,15 @@ def time_experts_implementations(
                     durations.append(time.perf_counter() - step_started)
         results[implementation] = {"min_s": min(durations), "median_s": statistics.median(durations),
                                    "max_s": max(durations)}
-        _report(progress, f"{implementation}: median {results[implementation]['median_s']:.3f} s per step")
+        report_progress(progress, f"{implementation}: median {results[implementation]['median_s']:.3f} s per step")
     return results
 
 
 # --- Command line ------------------------------------------------------------------------------------------
 
 
-def _report(progress: bool, message: str) -> None:
+def report_progress(progress: bool, message: str) -> None:
+    """Print `message` to stderr when `progress` is true."""
     if progress:
         print(message, file=sys.stderr, flush=True)
 

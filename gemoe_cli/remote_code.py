@@ -80,11 +80,33 @@ def attach_from_config(model):
     )
 
 
+def _share_checkpoint_renamings(model_type: str) -> None:
+    """Let this remote-code class use the checkpoint key renamings that transformers has for `model_type`.
+
+    transformers 5.x applies the renamings of a model type to remote-code classes only when the user
+    registered them, so a checkpoint saved in an older key layout (aria's ``language_model.lm_head``) would
+    load with a freshly initialised weight. Registering the same renamings again changes nothing for the
+    library's own classes. Older transformers have no registry and rename through class attributes, which
+    this class inherits.
+    """
+    try:
+        from transformers import conversion_mapping
+    except ImportError:
+        return
+    register = getattr(conversion_mapping, "register_checkpoint_conversion_mapping", None)
+    if register is None or model_type in getattr(conversion_mapping, "USER_REGISTERED_MAPPINGS", ()):
+        return
+    renamings = conversion_mapping.get_checkpoint_conversion_mapping(model_type)
+    if renamings is not None:
+        register(model_type, renamings, overwrite=True)
+
+
 class {class_name}(_BaseModel):
     """{base_class} with gating-entropy adaptive routing attached after loading."""
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        _share_checkpoint_renamings(cls.config_class.model_type)
         model = super().from_pretrained(*args, **kwargs)
         model.gemoe_routing = attach_from_config(model)
         return model

@@ -168,21 +168,26 @@ def image_only_processor(processor_class, image_processor, tokenizer, chat_templ
 
 
 def save_processor_files(processor, directory) -> None:
-    """Save a processor's tokenizer, image processor and chat template; an absent video processor is skipped."""
+    """Save a processor's tokenizer, image processor and chat template; an absent video processor is skipped.
+
+    Without a video processor, transformers 5.23's ``save_pretrained`` writes nothing, so the parts are saved
+    one by one. A feature extractor (Qwen3-Omni's) would overwrite the image processor's
+    ``preprocessor_config.json``, so both go nested into ``processor_config.json`` as well, the layout that
+    transformers reads first.
+    """
     directory = Path(directory)
     if getattr(processor, "video_processor", "absent") is not None:
         processor.save_pretrained(directory)
         return
     processor.tokenizer.save_pretrained(directory)
     processor.image_processor.save_pretrained(directory)
+    settings = {"processor_class": type(processor).__name__, "image_processor": processor.image_processor.to_dict()}
     feature_extractor = getattr(processor, "feature_extractor", None)
     if feature_extractor is not None:
-        feature_extractor.save_pretrained(directory)
+        settings["feature_extractor"] = feature_extractor.to_dict()
     if isinstance(processor.chat_template, str):
         (directory / CHAT_TEMPLATE_FILE).write_text(processor.chat_template, "utf-8")
-    (directory / "processor_config.json").write_text(
-        json.dumps({"processor_class": type(processor).__name__}, indent=2) + "\n", "utf-8"
-    )
+    (directory / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n", "utf-8")
 
 
 def load_processor(source: str, config, trust_remote_code: bool = False):
@@ -220,6 +225,13 @@ def _load_image_only_processor(source: str, config, trust_remote_code: bool):
             f"the image processor of {source} requires torchvision ({_first_line(error)}); pip install torchvision."
         ) from error
     except (OSError, ValueError) as error:
+        if "torchvision" in str(error):
+            # transformers 5.23 raises ValueError, not ImportError, when the only image processor class of a
+            # model needs torchvision.
+            raise InvalidInputError(
+                f"the image processor of {source} requires torchvision, which is not installed; "
+                "pip install torchvision."
+            ) from error
         raise InvalidInputError(
             f"model {source} has no usable image processor ({_first_line(error)}); save its processor with it."
         ) from error

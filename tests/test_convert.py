@@ -1,6 +1,7 @@
 """Convert round trips: save an adaptive checkpoint, load it both ways in fresh processes, compare logits."""
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from gemoe_cli.errors import InvalidInputError, RecipeMismatchError
 from gemoe_cli.recipe import LayerRecipe, Recipe, RoutingSettings, save_recipe, static_recipe
 from gemoe_cli.routing import find_moe_blocks
 from tests import tiny_models
+from tests.write_faults import FaultyDisk, fault_points, leftovers, snapshot
 
 ROUND_TRIP_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 TOLERANCE = 1e-5
@@ -233,3 +235,319 @@ def test_cli_convert_and_errors(tmp_path):
     assert "no *.safetensors weights" in no_weights.stderr
     assert not (tmp_path / "x").exists()
     assert not (tmp_path / "y").exists()
+
+
+# --- bad input through the CLI: exit code 2, one line naming the value and the fix, nothing written -----
+
+
+@pytest.fixture(scope="module")
+def cli_source(tmp_path_factory):
+    """A saved tiny qwen3_moe with a tokenizer, and the data of a recipe that matches it."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("convert-cli")
+    model = tiny_models.build("qwen3_moe")
+    source = tiny_models.save_with_tokenizer(model, root / "source")
+    recipe_file = root / "recipe.yaml"
+    save_recipe(_quantile_recipe(model, source), recipe_file)
+    return source, recipe_file, yaml.safe_load(recipe_file.read_text())
+
+
+def _convert_cli(source, recipe_file, output, *options):
+    return CliRunner().invoke(app, ["convert", str(source), "--recipe", str(recipe_file), "-o", str(output), *options])
+
+
+def _edited_recipe(data, tmp_path, edit):
+    import copy
+
+    import yaml
+
+    edited = copy.deepcopy(data)
+    edit(edited)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(edited, sort_keys=False))
+    return path
+
+
+def _rename_first_layer(data):
+    first = next(iter(data["layers"]))
+    data["layers"]["model.layers.0.self_attn"] = data["layers"].pop(first)
+
+
+def _raise_top_k(data):
+    # One more threshold per layer, so the recipe stays valid for its own top_k of 5.
+    data["model"]["top_k"] = 5
+    for layer in data["layers"].values():
+        layer["thresholds"].append(100.0)
+
+
+def _set(section, **values):
+    return lambda data: data[section].update(values)
+
+
+def _set_thresholds(values):
+    return lambda data: data["layers"]["model.layers.0.mlp"].update(thresholds=values)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _rename_first_layer,
+            "recipe layer 'model.layers.0.self_attn' is not an MoE layer of the model; the model has 2 MoE layers, "
+            "for example 'model.layers.0.mlp'; calibrate a recipe for this model with `gemoe calibrate`.",
+        ),
+        (
+            _set("model", num_experts=16),
+            "recipe does not match the model: num_experts=16 in the recipe but 8 in the model; calibrate a recipe "
+            "for this model with `gemoe calibrate`.",
+        ),
+        (
+            _set("model", model_type="mixtral"),
+            "recipe does not match the model: model_type='mixtral' in the recipe but 'qwen3_moe' in the model; "
+            "calibrate a recipe for this model with `gemoe calibrate`.",
+        ),
+        (
+            _raise_top_k,
+            "recipe does not match the model: top_k=5 in the recipe but 4 in the model; calibrate a recipe for "
+            "this model with `gemoe calibrate`.",
+        ),
+        (
+            _set("model", router_fingerprint="0" * 64),
+            "recipe was fitted on other router weights (router_fingerprint 000000000000... in the recipe, ",
+        ),
+        (
+            _set_thresholds([1.0, 0.5, 2.0]),
+            "layers[model.layers.0.mlp].thresholds must be non-decreasing, but "
+            "layers[model.layers.0.mlp].thresholds[1]=0.5 < layers[model.layers.0.mlp].thresholds[0]=1.0; sort them.",
+        ),
+        (_set("routing", k_min=3, k_max=2), "routing.k_min=3 is greater than routing.k_max=2; set k_min <= k_max."),
+        (
+            _set("routing", k_max=6),
+            "routing.k_max=6 is greater than model.top_k=4; set k_max to at most 4, or leave it out to use top_k.",
+        ),
+        (_set("routing", k_min=0), "routing.k_min=0 is invalid; set k_min to 1 or more."),
+    ],
+    ids=["layer-path", "experts", "family", "top-k", "fingerprint", "decreasing", "k-min-above-k-max",
+         "k-max-above-top-k", "k-min-zero"],
+)  # fmt: skip
+def test_cli_recipe_mismatch_rejected(cli_source, tmp_path, edit, message):
+    source, _, data = cli_source
+    recipe_file = _edited_recipe(data, tmp_path, edit)
+
+    result = _convert_cli(source, recipe_file, tmp_path / "out")
+
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert result.stderr.count("error:") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_fingerprint_override_warns(cli_source, tmp_path):
+    source, _, data = cli_source
+    recipe_file = _edited_recipe(data, tmp_path, _set("model", router_fingerprint="0" * 64))
+
+    result = _convert_cli(source, recipe_file, tmp_path / "out", "--ignore-fingerprint")
+
+    assert result.exit_code == 0, result.output
+    assert "other router weights" in result.stderr
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "message"),
+    [
+        ("phimoe", "model type 'phimoe' is not supported: its sparsemixer router"),
+        ("switch_transformers", "model type 'switch_transformers' is not supported: "),
+    ],
+)
+def test_cli_unsupported_family_rejected(cli_source, tmp_path, model_type, message):
+    _, recipe_file, _ = cli_source
+    tiny_models.build(model_type).save_pretrained(tmp_path / model_type)
+
+    result = _convert_cli(tmp_path / model_type, recipe_file, tmp_path / "out")
+
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "use a model of a supported family (`gemoe inspect --list-families` lists them)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_model_without_moe_layers_rejected(cli_source, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, recipe_file, _ = cli_source
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=128
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+
+    result = _convert_cli(tmp_path / "dense", recipe_file, tmp_path / "out")
+
+    assert result.exit_code == 2, result.output
+    assert (
+        "model type 'llama' is not a supported MoE family; run `gemoe inspect --list-families` for the supported ones."
+        in result.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_pickle_weights_rejected(cli_source, tmp_path):
+    source, recipe_file, _ = cli_source
+    pickled = tmp_path / "pickled"
+    tiny_models.build("qwen3_moe").save_pretrained(pickled, safe_serialization=False)
+    for weights in pickled.glob("*.safetensors"):
+        weights.unlink()
+    torch.save({}, pickled / "pytorch_model.bin")
+
+    result = _convert_cli(pickled, recipe_file, tmp_path / "out")
+
+    assert result.exit_code == 2, result.output
+    assert "has only pickle (.bin/.pt) weights; convert them to safetensors, or pass --allow-pickle" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_existing_output_rejected(cli_source, tmp_path):
+    source, recipe_file, _ = cli_source
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+
+    result = _convert_cli(source, recipe_file, tmp_path / "out")
+
+    assert result.exit_code == 2, result.output
+    assert f"output directory {tmp_path / 'out'} already exists; choose another path or pass --force." in result.stderr
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_cli_output_under_a_file_rejected(cli_source, tmp_path):
+    source, recipe_file, _ = cli_source
+    (tmp_path / "file").write_text("x")
+
+    result = _convert_cli(source, recipe_file, tmp_path / "file" / "out")
+
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'file'} is a file, not a folder; choose another path." in result.stderr
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_cli_output_folder_missing_rejected(cli_source, tmp_path):
+    source, recipe_file, _ = cli_source
+
+    result = _convert_cli(source, recipe_file, tmp_path / "absent" / "out")
+
+    assert result.exit_code == 2, result.output
+    assert f"folder {tmp_path / 'absent'} does not exist; create it first." in result.stderr
+    assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to a read-only folder")
+def test_cli_read_only_output_folder_rejected(cli_source, tmp_path):
+    source, recipe_file, _ = cli_source
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        result = _convert_cli(source, recipe_file, folder / "out")
+    finally:
+        folder.chmod(0o755)
+
+    assert result.exit_code == 2, result.output
+    assert f"folder {folder} is not writable; choose another path." in result.stderr
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cli_unavailable_device_map_rejected(cli_source, tmp_path):
+    source, recipe_file, _ = cli_source
+
+    result = _convert_cli(source, recipe_file, tmp_path / "out", "--device-map", "cuda")
+
+    assert result.exit_code == 2, result.output
+    assert "--device-map cuda is not available: no CUDA GPU found; use --device-map cpu or leave it out." in (
+        result.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_invalid_dtype_rejected(cli_source, tmp_path):
+    source, recipe_file, _ = cli_source
+
+    result = _convert_cli(source, recipe_file, tmp_path / "out", "--dtype", "int3")
+
+    assert result.exit_code == 2, result.output
+    assert "--dtype int3 is unknown; use auto, float32, bfloat16 or float16." in result.stderr
+
+
+# --- faults while the checkpoint directory is written ---------------------------------------------------
+
+
+def _record_convert_writes(source, recipe_file, outputs, monkeypatch):
+    """Convert once with an unlimited disk; return the files written, then remove the output again."""
+    import shutil
+
+    with monkeypatch.context() as patch:
+        disk = FaultyDisk(outputs).install(patch)
+        result = _convert_cli(source, recipe_file, outputs / "out")
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(outputs / "out")
+    return disk.written
+
+
+def test_cli_full_disk_in_each_file_leaves_nothing(cli_source, tmp_path, monkeypatch):
+    source, recipe_file, _ = cli_source
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    written = _record_convert_writes(source, recipe_file, outputs, monkeypatch)
+    names = {name for name, _ in written}
+    assert {"config.json", "model.safetensors", "modeling_gemoe.py", "gemoe_recipe.yaml", "README.md"} <= names
+
+    for name, capacity in fault_points(written):
+        with monkeypatch.context() as patch:
+            disk = FaultyDisk(outputs, capacity).install(patch)
+            result = _convert_cli(source, recipe_file, outputs / "out")
+
+        assert disk.failed == [name]
+        assert result.exit_code == 3, (name, result.output)
+        assert (
+            f"error: cannot write output directory {outputs / 'out'}: no space left on device (the disk or the "
+            "quota is full); free space on that file system or choose another output path." in result.stderr
+        ), name
+        assert "Traceback" not in result.output, name
+        assert leftovers(outputs, set()) == [], name
+
+
+def test_cli_full_disk_keeps_previous_checkpoint(cli_source, tmp_path, monkeypatch):
+    source, recipe_file, _ = cli_source
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    written = _record_convert_writes(source, recipe_file, outputs, monkeypatch)
+    previous = outputs / "out"
+    previous.mkdir()
+    (previous / "config.json").write_text('{"previous": true}')
+    before = snapshot(previous)
+
+    for name, capacity in fault_points(written):
+        with monkeypatch.context() as patch:
+            FaultyDisk(outputs, capacity).install(patch)
+            result = _convert_cli(source, recipe_file, previous, "--force")
+
+        assert result.exit_code == 3, (name, result.output)
+        assert "no space left on device" in result.stderr, name
+        assert snapshot(previous) == before, name
+        assert leftovers(outputs, {"out"}) == [], name
+
+
+def test_cli_interrupt_in_each_file_leaves_nothing(cli_source, tmp_path, monkeypatch):
+    source, recipe_file, _ = cli_source
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    written = _record_convert_writes(source, recipe_file, outputs, monkeypatch)
+
+    for name, capacity in fault_points(written):
+        with monkeypatch.context() as patch:
+            FaultyDisk(outputs, capacity, error=KeyboardInterrupt).install(patch)
+            result = _convert_cli(source, recipe_file, outputs / "out")
+
+        assert result.exit_code == 130, (name, result.output)
+        assert result.stderr.strip().endswith("interrupted"), name
+        assert leftovers(outputs, set()) == [], name

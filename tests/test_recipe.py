@@ -15,7 +15,7 @@ import torch
 
 import gemoe_cli.atomic as atomic_module
 import gemoe_cli.recipe as recipe_module
-from gemoe_cli.errors import InvalidInputError, RecipeMismatchError
+from gemoe_cli.errors import DiskFullError, InvalidInputError, RecipeMismatchError
 from gemoe_cli.recipe import (
     LayerRecipe,
     ModelIdentity,
@@ -399,12 +399,12 @@ def test_save_keeps_old_file_when_write_fails(tmp_path: Path, monkeypatch: pytes
     save_recipe(make_recipe(), path)
     old_bytes = path.read_bytes()
 
-    def write_half_then_fail(handle, text: str) -> None:
-        handle.write(text[: len(text) // 2])
+    def write_half_then_fail(handle, content: bytes) -> None:
+        handle.write(content[: len(content) // 2])
         handle.flush()
         raise RuntimeError("disk unplugged mid-write")
 
-    monkeypatch.setattr(atomic_module, "_write_text", write_half_then_fail)
+    monkeypatch.setattr(atomic_module, "_write_content", write_half_then_fail)
     changed = make_recipe().model_copy(update={"notes": "a different recipe"})
 
     with pytest.raises(RuntimeError, match="disk unplugged mid-write"):
@@ -432,12 +432,12 @@ def test_save_keeps_old_file_when_replace_fails(tmp_path: Path, monkeypatch: pyt
 
 
 def test_save_failure_creates_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(handle, text: str) -> None:
+    def fail(handle, content: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(atomic_module, "_write_text", fail)
+    monkeypatch.setattr(atomic_module, "_write_content", fail)
 
-    with pytest.raises(InvalidInputError, match=r"No space left on device; choose a writable path"):
+    with pytest.raises(DiskFullError, match=r"no space left on device .*; free space on that file system"):
         save_recipe(make_recipe(), tmp_path / "recipe.yaml")
 
     assert list(tmp_path.iterdir()) == []

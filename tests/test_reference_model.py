@@ -334,6 +334,19 @@ def test_load_balancing_loss_is_per_layer() -> None:
     assert pooled.item() == pytest.approx(2.0, rel=1e-3)
 
 
+def test_load_balancing_loss_leaves_out_padding() -> None:
+    # Two real tokens go to experts 0 and 1, two padding tokens to experts 2 and 3. Without the padding every
+    # slot goes to experts 0 and 1, which scores E * sum(f * P) = 4 * 1 = 4. With it the load looks even (2).
+    logits = torch.tensor([[5.0, 5.0, -5.0, -5.0]] * 2 + [[-5.0, -5.0, 5.0, 5.0]] * 2)
+    mask = torch.tensor([[1, 1, 0, 0]])
+
+    masked = reference_model.load_balancing_loss((logits,), num_experts=4, top_k=2, attention_mask=mask)
+    unmasked = reference_model.load_balancing_loss((logits,), num_experts=4, top_k=2)
+
+    assert masked.item() == pytest.approx(4.0, rel=1e-3)
+    assert unmasked.item() == pytest.approx(2.0, rel=1e-3)
+
+
 def test_default_cache_dir_reads_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GEMOE_CACHE", str(tmp_path))
     assert reference_model.default_cache_dir() == tmp_path
@@ -485,3 +498,21 @@ def test_script_help_lists_options() -> None:
     assert completed.returncode == 0, completed.stderr
     for option in ("--cache-dir", "--force", "--quiet", "--time-experts-implementations"):
         assert option in completed.stdout
+
+
+@pytest.mark.parametrize("failing_file", ["model.safetensors", "training.json"])
+def test_full_disk_keeps_cached_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_file: str) -> None:
+    from gemoe_cli.atomic import is_disk_full
+    from tests.write_faults import FaultyDisk, snapshot
+
+    cached = ensure_reference_model(tmp_path, progress=False, settings=TINY_SETTINGS)
+    before = snapshot(cached)
+    disk = FaultyDisk(tmp_path, 100, file=failing_file).install(monkeypatch)
+
+    with pytest.raises(Exception) as raised:
+        ensure_reference_model(tmp_path, progress=False, force=True, settings=TINY_SETTINGS)
+
+    assert is_disk_full(raised.value), repr(raised.value)
+    assert disk.failed == [failing_file]
+    assert snapshot(cached) == before
+    assert _partial_dirs(tmp_path) == []

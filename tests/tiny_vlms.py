@@ -12,9 +12,9 @@ Two limits of the environment shape this module:
 - transformers 5.23 makes every video processor require torchvision, and the processors of qwen3_vl_moe,
   glm4v_moe, ernie4_5_vl_moe and qwen3_omni_moe reject a missing video processor. `processor` therefore builds
   them through `gemoe_cli.vlm.image_only_processor`, the same fallback `gemoe calibrate` uses without torchvision.
-- llama4's image processor requires torchvision and has no PIL variant, so llama4 has no processor here.
-  `llama4_inputs` builds its model inputs (tiles, placeholder tokens) by hand, in the layout of
-  `Llama4Processor` in transformers 5.23.
+- llama4's image processor requires torchvision and has no PIL variant, so llama4 has a processor only where
+  torchvision is installed (`has_processor`). `llama4_inputs` builds its model inputs (tiles, placeholder
+  tokens) by hand, in the layout of `Llama4Processor` in transformers 5.23, for everywhere else.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class TinyVLM:
     `special_tokens` maps tokenizer attribute names (`image_token`, ...) to token strings; they are added as
     special tokens, so each is one id. `make_config(ids)` gets the token ids by token string. `processor_class`
     names the transformers processor; `image_processor_class` the image processor built with default
-    settings (None for llama4).
+    settings. `requires_torchvision` marks an image processor that cannot be built without torchvision.
     """
 
     model_type: str
@@ -98,6 +98,7 @@ class TinyVLM:
     extra_tokens: tuple[str, ...] = ()
     eos_token: str = "<|im_end|>"
     pad_token: str = "<|endoftext|>"
+    requires_torchvision: bool = False
 
 
 @functools.cache
@@ -157,6 +158,13 @@ def build(model_type: str, seed: int = 0) -> nn.Module:
     return model
 
 
+def has_processor(model_type: str) -> bool:
+    """Return whether the family's processor can be built here (llama4's needs torchvision)."""
+    from transformers.utils import is_torchvision_available
+
+    return not VLMS[model_type].requires_torchvision or is_torchvision_available()
+
+
 def processor(model_type: str):
     """Assemble the family's processor from the tiny tokenizer and a default-settings image processor."""
     import transformers
@@ -164,8 +172,8 @@ def processor(model_type: str):
     from gemoe_cli.vlm import image_only_processor
 
     spec = VLMS[model_type]
-    if spec.processor_class is None:
-        raise ValueError(f"{model_type} has no processor without torchvision; use llama4_inputs")
+    if not has_processor(model_type):
+        raise ValueError(f"the {model_type} processor requires torchvision, which is not installed; use llama4_inputs")
     image_processor = getattr(transformers, spec.image_processor_class)()
     tokenizer = tiny_tokenizer(model_type)
     processor_class = getattr(transformers, spec.processor_class)
@@ -182,7 +190,7 @@ def save(model_type: str, model: nn.Module, directory) -> str:
 
     model.save_pretrained(directory)
     tiny_tokenizer(model_type).save_pretrained(directory)
-    if VLMS[model_type].processor_class is not None:
+    if has_processor(model_type):
         save_processor_files(processor(model_type), directory)
     return str(directory)
 
@@ -509,11 +517,12 @@ _SPECS = [
         _LLAMA4_SPECIAL,
         _llama4,
         _LLAMA4_TEMPLATE,
-        None,
-        None,
+        "Llama4Processor",
+        "Llama4ImageProcessor",
         extra_tokens=("<|header_start|>", "<|header_end|>", "<|tile_x_separator|>", "<|tile_y_separator|>"),
         eos_token="<|eot|>",
         pad_token="<|finetune_right_pad_id|>",
+        requires_torchvision=True,
     ),
 ]
 
@@ -525,6 +534,40 @@ def photo(name: str = "astronaut") -> np.ndarray:
     from gemoe_cli.calibration.images import builtin_image
 
     return np.asarray(builtin_image(name))
+
+
+# Short questions and answers about built-in photographs, for tests that generate the answers.
+PHOTO_QUESTIONS = (
+    ("chelsea", "Which animal is this?", "A cat."),
+    ("rocket", "What stands on the launch pad?", "A rocket."),
+    ("coffee", "What is in the cup?", "Coffee."),
+    ("astronaut", "Who is in the photo?", "An astronaut."),
+    ("coins", "What lies on the table?", "Coins."),
+)
+
+
+def write_photo_dataset(directory, size: int = 224) -> str:
+    """Write built-in photographs shrunk to `size` x `size` pixels and a JSONL file asking about them.
+
+    Small images keep the image token count low (64 per image at 224 pixels for Qwen-style processors), so
+    tests that run a model on many samples stay fast. Returns the path of the JSONL file.
+    """
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from gemoe_cli.calibration.images import builtin_image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name, question, answer in PHOTO_QUESTIONS:
+        builtin_image(name).resize((size, size), Image.BILINEAR).save(directory / f"{name}.png")
+        lines.append(json.dumps({"image": f"{name}.png", "text": question, "answer": answer}))
+    path = directory / "photos.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
 
 
 def llama4_inputs(messages: list[dict], image: np.ndarray, tiles: tuple[int, int] = (2, 2)) -> dict[str, torch.Tensor]:

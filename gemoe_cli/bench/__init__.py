@@ -22,6 +22,7 @@ from gemoe_cli.bench.settings import BenchSettings
 _LAZY_NAMES = {
     "BenchInputs": "gemoe_cli.bench.runner",
     "build_inputs": "gemoe_cli.bench.runner",
+    "build_image_text_inputs": "gemoe_cli.bench.runner",
     "run_benchmark": "gemoe_cli.bench.runner",
     "RoutingSpec": "gemoe_cli.bench.policies",
     "run_bench": "gemoe_cli.bench.pipeline",

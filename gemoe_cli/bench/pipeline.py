@@ -1,7 +1,9 @@
 """The whole `gemoe bench` run from a model source: validate, load, build the inputs, benchmark.
 
 Everything cheap is checked before the weights load: the device, the config and family, the recipe
-against the model's structure, the tokenizer, the evaluation data and the position limit.
+against the model's structure, the tokenizer or processor, the evaluation data and the position limit.
+Vision-language models run on image+text samples (the built-in image set unless `dataset` names another),
+read and split as `gemoe calibrate` reads them; text-only models run on token blocks.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from gemoe_cli.bench.runner import Progress, build_inputs, run_benchmark
+from gemoe_cli.bench.runner import BenchInputs, Progress, build_image_text_inputs, build_inputs, run_benchmark
 from gemoe_cli.bench.settings import BenchSettings
+from gemoe_cli.calibration.images import DEFAULT_PROMPT_TEMPLATE
 from gemoe_cli.errors import InvalidInputError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,13 @@ def recipe_from_checkpoint(path: Path, description):
         },
         "layers": {layer: {"thresholds": values} for layer, values in section.get("thresholds", {}).items()},
     }
+    modality_thresholds = section.get("modality_thresholds", {})
+    if not isinstance(modality_thresholds, dict):
+        raise InvalidInputError(
+            f"{path}/config.json: the gemoe section's modality_thresholds is not a mapping; convert the model again."
+        )
+    for layer, by_modality in modality_thresholds.items():
+        data["layers"].setdefault(layer, {"thresholds": []})["modalities"] = by_modality
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
@@ -95,12 +105,25 @@ def _precheck_recipe(recipe, description) -> None:
     check_recipe_matches(recipe, structure, [layer.path for layer in description.layers])
 
 
+def _check_image_text_prompts(inputs: BenchInputs, settings: BenchSettings, limit: int | None) -> None:
+    """Reject image+text decode prompts that leave no room for `settings.gen_len` new tokens."""
+    if limit is None:
+        return
+    for prompt in inputs.decode:
+        needed = prompt.size(1) + settings.gen_len
+        if needed > limit:
+            raise InvalidInputError(
+                f"{prompt.origin}: the prompt is {prompt.size(1)} tokens with its images, and --gen-len "
+                f"{settings.gen_len} makes {needed} positions, above the model's limit of {limit}; lower --gen-len."
+            )
+
+
 def run_bench(
     source: str,
     *,
     recipe_path: Path | None,
     settings: BenchSettings,
-    dataset: str,
+    dataset: str | None,
     num_samples: int,
     seq_len: int,
     heldout_fraction: float,
@@ -111,12 +134,17 @@ def run_bench(
     allow_pickle: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    max_images: int | None = None,
+    skip_bad_samples: bool = False,
 ) -> dict:
     """Load `source`, benchmark it against its recipe and return the JSON record; writes nothing.
 
     The evaluation set is the held-out part of `dataset` split as `gemoe calibrate` splits it with the same
-    `num_samples`, `seq_len`, `settings.seed` and `heldout_fraction`. `threads` sets torch's CPU threads
-    for the run (`torch.set_num_threads`) and restores the previous number afterwards.
+    `num_samples`, `seq_len`, `settings.seed` and `heldout_fraction` (and, for image+text data,
+    `prompt_template`, `max_images` and `skip_bad_samples`). `dataset=None` picks the built-in image set
+    for vision-language models and the built-in text set otherwise. `threads` sets torch's CPU threads for
+    the run (`torch.set_num_threads`) and restores the previous number afterwards.
 
     Raises:
         InvalidInputError: a bad argument, a missing model or data, or a position limit below the prompts.
@@ -124,9 +152,9 @@ def run_bench(
         RecipeMismatchError: the recipe describes another model.
     """
     from gemoe_cli.api import model_identity
-    from gemoe_cli.calibration.data import build_calibration_data
+    from gemoe_cli.calibration.pipeline import choose_dataset, read_data
     from gemoe_cli.inspection import describe_source
-    from gemoe_cli.models import load_config, load_model, load_tokenizer, max_positions, resolve_device
+    from gemoe_cli.models import load_config, load_model, max_positions, resolve_device
     from gemoe_cli.recipe import check_recipe_matches
     from gemoe_cli.routing import find_moe_blocks
 
@@ -142,21 +170,33 @@ def run_bench(
 
     config = load_config(source, trust_remote_code=trust_remote_code)
     limit = max_positions(config)
-    if limit is not None and settings.tokens_needed > limit:
+    choice = choose_dataset(config, dataset)
+    if settings.metric == "exact_match" and not choice.image_text:
+        raise InvalidInputError("--metric exact_match needs image+text data with answers; use nll, agreement or kl.")
+    if not choice.image_text and limit is not None and settings.tokens_needed > limit:
         raise InvalidInputError(
             f"--prompt-len {settings.prompt_len} + --gen-len {settings.gen_len} = {settings.tokens_needed} positions "
             f"exceed the model's limit of {limit}; lower them."
         )
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    data = build_calibration_data(
-        dataset,
-        tokenizer,
+    data = read_data(
+        source,
+        config,
+        choice,
         num_samples=num_samples,
         seq_len=seq_len,
         seed=settings.seed,
         heldout_fraction=heldout_fraction,
-        max_positions=limit,
+        prompt_template=prompt_template,
+        max_images=max_images,
+        skip_bad_samples=skip_bad_samples,
+        trust_remote_code=trust_remote_code,
     )
+    if choice.image_text:
+        inputs = build_image_text_inputs(data.fit + data.heldout, data.heldout, settings)
+        _check_image_text_prompts(inputs, settings, limit)
+    else:
+        stream = torch.cat([data.fit.reshape(-1), data.heldout.reshape(-1)])  # (N,)
+        inputs = build_inputs(stream, data.batches("heldout", settings.eval_batch_size), settings)
 
     if progress is not None:
         progress(f"loading {source} on {device}")
@@ -170,8 +210,6 @@ def run_bench(
     from gemoe_cli.bench.policies import RoutingSpec
 
     spec = RoutingSpec.from_recipe(recipe, recipe_source)
-    stream = torch.cat([data.fit.reshape(-1), data.heldout.reshape(-1)])  # (N,)
-    inputs = build_inputs(stream, data.batches("heldout", settings.eval_batch_size), settings)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -182,14 +220,18 @@ def run_bench(
 
     record["model"]["name_or_path"] = source
     record["data"] = {
-        "dataset": dataset,
+        "dataset": choice.dataset,
+        "kind": "image+text" if choice.image_text else "text",
         "num_samples": num_samples,
-        "seq_len": seq_len,
+        "seq_len": None if choice.image_text else seq_len,
         "seed": settings.seed,
         "heldout_fraction": heldout_fraction,
         "samples_read": data.samples_read,
-        "fit_blocks": int(data.fit.size(0)),
-        "heldout_blocks": int(data.heldout.size(0)),
+        "fit_blocks": data.fit_count,
+        "heldout_blocks": data.heldout_count,
+        "prompt_template": prompt_template if choice.image_text and Path(choice.dataset).is_dir() else None,
+        "max_images": max_images,
+        "bad_samples": data.bad_samples if (data.bad_samples or {}).get("skipped") else None,
     }
     record["seconds_total"] = time.perf_counter() - started
     return record

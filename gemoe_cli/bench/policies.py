@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemoe_cli.calibration.retention import model_forward
 from gemoe_cli.routing import AdaptiveRouting, attach_adaptive_routing
 from gemoe_cli.routing.baselines import RatioSkip, StaticK, TopP
 
@@ -53,6 +54,8 @@ class RoutingSpec:
     renormalize: str = "preserve_mass"
     source: str = ""
     """Origin of the thresholds for the record: a recipe file or a converted checkpoint."""
+    modality_thresholds: Mapping[str, Mapping[str, Sequence[float]]] = field(default_factory=dict)
+    """Per-layer thresholds by token modality (``text``, ``image``, ...) of a per-modality recipe."""
 
     @classmethod
     def from_recipe(cls, recipe, source: str) -> RoutingSpec:
@@ -62,9 +65,19 @@ class RoutingSpec:
             k_max=recipe.routing.k_max,
             renormalize=recipe.routing.renormalize,
             source=source,
+            modality_thresholds={
+                path: {name: list(values) for name, values in layer.modalities.items()}
+                for path, layer in recipe.layers.items()
+                if layer.modalities
+            },
         )
 
-    def attach(self, model: torch.nn.Module, thresholds: Mapping[str, Sequence[float]] | None = None):
+    def attach(
+        self,
+        model: torch.nn.Module,
+        thresholds: Mapping[str, Sequence[float]] | None = None,
+        modality_thresholds: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    ):
         """Attach this routing to `model` (optionally with other thresholds) and return the handle."""
         return attach_adaptive_routing(
             model,
@@ -72,6 +85,7 @@ class RoutingSpec:
             k_min=self.k_min,
             k_max=self.k_max,
             renormalize=self.renormalize,
+            modality_thresholds=self.modality_thresholds if modality_thresholds is None else modality_thresholds,
         )
 
     def to_json(self) -> dict:
@@ -81,6 +95,7 @@ class RoutingSpec:
             "k_max": self.k_max,
             "renormalize": self.renormalize,
             "adaptive_layers": len(self.thresholds),
+            "per_modality": bool(self.modality_thresholds),
         }
 
 
@@ -133,12 +148,12 @@ def set_baseline(routing: AdaptiveRouting, spec: RoutingSpec, baseline) -> None:
 
 
 @torch.no_grad()
-def measure_sparsity(model: torch.nn.Module, routing: AdaptiveRouting, batches: Sequence[torch.Tensor]) -> float:
-    """Run `batches` through the model as it routes now and return the counted sparsity."""
+def measure_sparsity(model: torch.nn.Module, routing: AdaptiveRouting, batches: Sequence) -> float:
+    """Run `batches` (token blocks or image+text samples) as the model routes now; return the counted sparsity."""
     device = next(model.parameters()).device
     routing.reset_counters()
     for batch in batches:
-        model(input_ids=batch.to(device), use_cache=False)
+        model_forward(model, batch.to(device))
     return routing.sparsity()
 
 
@@ -254,6 +269,13 @@ def calibrate_baselines(
 def shifted_thresholds(thresholds: Mapping[str, Sequence[float]], shift: float) -> dict[str, list[float]]:
     """Add `shift` nats to every threshold (infinite thresholds stay infinite)."""
     return {path: [value + shift for value in values] for path, values in thresholds.items()}
+
+
+def shifted_modality_thresholds(
+    thresholds: Mapping[str, Mapping[str, Sequence[float]]], shift: float
+) -> dict[str, dict[str, list[float]]]:
+    """Add `shift` nats to every per-modality threshold (infinite thresholds stay infinite)."""
+    return {path: shifted_thresholds(by_modality, shift) for path, by_modality in thresholds.items()}
 
 
 def sweep_parameters(points: int, num_experts: int, top_k: int, k_min: int) -> dict[str, list[float]]:

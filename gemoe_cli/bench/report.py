@@ -6,18 +6,18 @@ removed or changes meaning.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import platform
-import secrets
 import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gemoe_cli import __version__
-from gemoe_cli.atomic import write_text_atomically
+from gemoe_cli.atomic import OutputFile, write_files_atomically, write_text_atomically
 from gemoe_cli.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -115,9 +115,20 @@ def _phase_profile(profile: dict | None) -> dict | None:
     }
 
 
-def _policy_record(run: PolicyRun, settings: BenchSettings) -> dict:
-    prefill_tokens = settings.prefill_batch_size * settings.prompt_len
-    decode_tokens = settings.decode_batch_size * run.decode_steps
+def _per_second(amount: int, runs: list[float]) -> dict | None:
+    return summarize([amount / seconds for seconds in runs]) if amount else None
+
+
+def _policy_record(run: PolicyRun, settings: BenchSettings, inputs: dict) -> dict:
+    image_text = inputs["kind"] == "image+text"
+    prompt_len = None if image_text else settings.prompt_len
+    prefill_tokens = sum(inputs["prefill_prompt_tokens"])
+    prefill_sequences = len(inputs["prefill_prompt_tokens"])
+    decode_sequences = len(inputs["decode_prompt_tokens"])
+    decode_tokens = decode_sequences * run.decode_steps
+    # Batched token prompts generate their sequences in parallel. Image+text prompts run one after another,
+    # so the time per token of one sequence is the run's time over all the tokens it generated.
+    sequential_steps = inputs["decode_passes"] * run.decode_steps
     memory = {phase: usage for phase, usage in run.memory.items()}
     evaluation = run.evaluation
     record = {
@@ -127,25 +138,30 @@ def _policy_record(run: PolicyRun, settings: BenchSettings) -> dict:
         "retention": None if evaluation is None else evaluation["retention"][settings.metric],
         "evaluation": evaluation,
         "prefill": {
-            "batch_size": settings.prefill_batch_size,
-            "prompt_len": settings.prompt_len,
+            "batch_size": prefill_sequences,
+            "prompt_len": prompt_len,
+            "passes": inputs["prefill_passes"],
             "tokens": prefill_tokens,
+            "images": inputs["prefill_images"],
             "seconds": summarize(run.prefill_seconds),
             "tokens_per_second": summarize([prefill_tokens / seconds for seconds in run.prefill_seconds]),
+            "samples_per_second": _per_second(prefill_sequences, run.prefill_seconds),
+            "images_per_second": _per_second(inputs["prefill_images"], run.prefill_seconds),
             "sparsity": None if run.prefill_tally is None else run.prefill_tally.to_json(),
             "peak_memory_bytes": memory["prefill"].peak_bytes if "prefill" in memory else None,
             "peak_memory_increase_bytes": memory["prefill"].increase_bytes if "prefill" in memory else None,
             "profile": _phase_profile(None if run.profile is None else run.profile["prefill"]),
         },
         "decode": {
-            "batch_size": settings.decode_batch_size,
-            "prompt_len": settings.prompt_len,
+            "batch_size": decode_sequences,
+            "prompt_len": prompt_len,
+            "passes": inputs["decode_passes"],
             "new_tokens": settings.gen_len,
             "timed_steps": run.decode_steps,
             "first_token_seconds": summarize(run.first_token_seconds),
             "seconds": summarize(run.decode_seconds),
             "tokens_per_second": summarize([decode_tokens / seconds for seconds in run.decode_seconds]),
-            "seconds_per_token": summarize([seconds / max(run.decode_steps, 1) for seconds in run.decode_seconds]),
+            "seconds_per_token": summarize([seconds / max(sequential_steps, 1) for seconds in run.decode_seconds]),
             "sparsity": None if run.decode_tally is None else run.decode_tally.to_json(),
             "peak_memory_bytes": memory["decode"].peak_bytes if "decode" in memory else None,
             "peak_memory_increase_bytes": memory["decode"].increase_bytes if "decode" in memory else None,
@@ -221,13 +237,18 @@ def build_record(
     load_average_start: list[float] | None = None,
 ) -> dict:
     """Assemble the JSON record of one benchmark from the runner's measurements."""
-    policies = {run.policy.name: _policy_record(run, settings) for run in runs}
+    policies = {run.policy.name: _policy_record(run, settings, inputs) for run in runs}
     _add_speedups(policies)
     gemoe = policies["gemoe"]
+    modalities = gemoe["evaluation"]["sparsity"]["modalities"]
     summary = {
         "metric": settings.metric,
         "gemoe_retention": gemoe["retention"],
         "gemoe_sparsity": gemoe["evaluation"]["sparsity"]["overall"],
+        "gemoe_modality_sparsity": (
+            None if modalities is None else {name: entry["sparsity"] for name, entry in modalities.items()}
+        ),
+        "gemoe_exact_match": gemoe["evaluation"].get("exact_match"),
         "gemoe_prefill_speedup": gemoe["prefill"]["speedup_vs_static"],
         "gemoe_decode_speedup": gemoe["decode"]["speedup_vs_static"],
     }
@@ -298,6 +319,16 @@ def write_json(record: dict, path: Path) -> None:
     write_text_atomically(Path(path), record_to_json(record), what="benchmark JSON")
 
 
+def write_outputs(record: dict, json_path: Path | None, plot_path: Path | None) -> None:
+    """Write the JSON record and the plot, each optional, replacing both files together or neither."""
+    outputs = []
+    if json_path is not None:
+        outputs.append(OutputFile(Path(json_path), record_to_json(record), "benchmark JSON"))
+    if plot_path is not None:
+        outputs.append(OutputFile(Path(plot_path), plot_png(record), "plot"))
+    write_files_atomically(outputs)
+
+
 # --- tables ------------------------------------------------------------------------------------------
 
 
@@ -305,10 +336,20 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _rate(stats: dict | None) -> str:
+def _rate(stats: dict | None, digits: int = 1) -> str:
     if stats is None:
         return "-"
-    return f"{stats['median']:.1f} ({stats['min']:.1f}-{stats['max']:.1f})"
+    return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}-{stats['max']:.{digits}f})"
+
+
+def _modalities_seen(policies: dict) -> list[str]:
+    """Return the token modalities in any policy's evaluation sparsity, in the order of their first appearance."""
+    seen: dict[str, None] = {}
+    for policy in policies.values():
+        evaluation = policy["evaluation"]
+        if evaluation is not None:
+            seen.update(dict.fromkeys(evaluation["sparsity"].get("modalities") or {}))
+    return list(seen)
 
 
 def _memory(phase: dict) -> str:
@@ -334,44 +375,72 @@ def render_tables(record: dict, console) -> None:
     settings = record["settings"]
     policies = record["policies"]
 
-    quality = Table(title=f"quality and sparsity ({record['inputs']['eval_tokens']} evaluation tokens)")
+    inputs = record["inputs"]
+    image_text = inputs.get("kind") == "image+text"
+    modalities = _modalities_seen(policies)
+    exact_match = any((policy["evaluation"] or {}).get("exact_match") is not None for policy in policies.values())
+
+    if image_text:
+        amount = f"{inputs['eval_blocks']} image+text evaluation sample" + ("" if inputs["eval_blocks"] == 1 else "s")
+    else:
+        amount = f"{inputs['eval_tokens']} evaluation tokens"
+    quality = Table(title=f"quality and sparsity ({amount})")
     _policy_column(quality)
-    for column in ("parameter", f"retention ({metric})", "sparsity eval", "sparsity prefill", "sparsity decode"):
+    columns = ["parameter", f"retention ({metric})"]
+    columns += ["exact match"] if exact_match and metric != "exact_match" else []
+    columns += ["sparsity eval", *(f"eval {name}" for name in modalities), "sparsity prefill", "sparsity decode"]
+    for column in columns:
         quality.add_column(column, justify="left" if column == "parameter" else "right")
     for name, policy in policies.items():
         parameter = policy["parameter"]
         evaluation = policy["evaluation"]
-        quality.add_row(
+        row = [
             name,
             "-" if parameter is None else f"{parameter['name']}={parameter['value']:.4g}",
             _number(policy["retention"]),
-            "-" if evaluation is None else _number(evaluation["sparsity"]["overall"]),
-            _sparsity(policy["prefill"]["sparsity"]),
-            _sparsity(policy["decode"]["sparsity"]),
-        )
+        ]
+        if exact_match and metric != "exact_match":
+            row.append("-" if evaluation is None else _number(evaluation.get("exact_match")))
+        row.append("-" if evaluation is None else _number(evaluation["sparsity"]["overall"]))
+        for modality in modalities:
+            entry = None if evaluation is None else (evaluation["sparsity"]["modalities"] or {}).get(modality)
+            row.append("-" if entry is None else _number(entry["sparsity"]))
+        row += [_sparsity(policy["prefill"]["sparsity"]), _sparsity(policy["decode"]["sparsity"])]
+        quality.add_row(*row)
     console.print(quality)
 
-    speed = Table(
-        title=(
-            f"speed on {record['environment']['device']}: median (min-max) of {settings['repeats']} runs; prefill "
-            f"{settings['prefill_batch_size']}x{settings['prompt_len']} tokens, decode {settings['decode_batch_size']}"
-            f" x {settings['gen_len']} new tokens"
+    if image_text:
+        shapes = (
+            f"prefill {inputs['prefill_passes']} image+text prompts ({sum(inputs['prefill_prompt_tokens'])} tokens, "
+            f"{inputs['prefill_images']} images) one at a time, decode {inputs['decode_passes']} x "
+            f"{settings['gen_len']} new tokens one at a time"
         )
+    else:
+        shapes = (
+            f"prefill {settings['prefill_batch_size']}x{settings['prompt_len']} tokens, decode "
+            f"{settings['decode_batch_size']} x {settings['gen_len']} new tokens"
+        )
+    speed = Table(
+        title=f"speed on {record['environment']['device']}: median (min-max) of {settings['repeats']} runs; {shapes}"
     )
     _policy_column(speed)
-    for column in ("prefill tok/s", "decode tok/s", "ms/token", "speedup prefill", "speedup decode"):
+    columns = ["prefill tok/s", *(["prefill samples/s", "prefill images/s"] if image_text else [])]
+    columns += ["decode tok/s", "ms/token", "speedup prefill", "speedup decode"]
+    for column in columns:
         speed.add_column(column, justify="right")
     for name, policy in policies.items():
         prefill, decode = policy["prefill"], policy["decode"]
         per_token = decode["seconds_per_token"]
-        speed.add_row(
-            name,
-            _rate(prefill["tokens_per_second"]),
+        row = [name, _rate(prefill["tokens_per_second"])]
+        if image_text:
+            row += [_rate(prefill["samples_per_second"], 2), _rate(prefill["images_per_second"], 2)]
+        row += [
             _rate(decode["tokens_per_second"]),
             "-" if per_token is None else f"{per_token['median'] * 1000:.2f}",
             _number(prefill["speedup_vs_static"], 3),
             _number(decode["speedup_vs_static"], 3),
-        )
+        ]
+        speed.add_row(*row)
     console.print(speed)
 
     profiled = policies["static"]["prefill"]["profile"] is not None
@@ -453,7 +522,12 @@ def require_matplotlib() -> None:
 
 
 def write_plot(record: dict, path: Path) -> None:
-    """Draw retention against sparsity per policy and gemoe's per-layer k histogram into a PNG, atomically."""
+    """Write the plot of `plot_png` to `path` atomically."""
+    write_files_atomically([OutputFile(Path(path), plot_png(record), "plot")])
+
+
+def plot_png(record: dict) -> bytes:
+    """Draw retention against sparsity per policy and gemoe's per-layer k histogram; return the PNG file."""
     require_matplotlib()
     import matplotlib
 
@@ -465,9 +539,11 @@ def write_plot(record: dict, path: Path) -> None:
         _draw_curves(curves, record)
         _draw_k_histogram(histogram, record)
         figure.tight_layout()
-        _save_figure_atomically(figure, Path(path))
+        png = io.BytesIO()
+        figure.savefig(png, dpi=120, format="png")
     finally:
         plt.close(figure)
+    return png.getvalue()
 
 
 _POLICY_COLORS = {
@@ -533,18 +609,3 @@ def _draw_k_histogram(axes, record: dict) -> None:
     axes.set_ylabel("share of tokens")
     axes.set_title("gemoe: experts per token, by layer (evaluation set)")
     axes.legend(fontsize=8)
-
-
-def _save_figure_atomically(figure, path: Path) -> None:
-    folder = path.parent
-    if not folder.is_dir():
-        raise InvalidInputError(f"cannot write plot {path}: folder {folder} does not exist; create it first.")
-    temporary = folder / f".{path.name}.{secrets.token_hex(4)}.tmp.png"
-    try:
-        figure.savefig(temporary, dpi=120, format="png")
-        os.replace(temporary, path)
-    except OSError as error:
-        reason = error.strerror or error
-        raise InvalidInputError(f"cannot write plot {path}: {reason}; choose a writable path.") from error
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -5,12 +5,16 @@ Phases, in order:
 1. Evaluate `static` and `gemoe` on the evaluation set (retention and sparsity), calibrate the baselines
    to GeMoE's measured sparsity, and evaluate them too.
 2. Warm up every policy, then time `repeats` rounds. Each round attaches each policy in turn and runs one
-   prefill pass and one greedy generation, so slow drift of the machine spreads over all policies.
+   prefill run and one decode run, so slow drift of the machine spreads over all policies.
 3. Measure peak memory of one prefill and one generation per policy, in runs of their own.
 4. With `profile_moe`, time MoE blocks and `route` in synchronised runs of their own.
 5. With `sweep_points`, evaluate each policy over a range of its parameter for the plot.
 
 `run_benchmark` returns the JSON record that `gemoe_cli.bench.report` documents and renders.
+
+A prefill run is one forward pass over (B, L) token ids for token-block data. For image+text data it is one
+forward pass per sample, each a batch of one, as calibration runs them, so no padding token reaches a
+router. Decode runs are built the same way, with one `generate` call per pass.
 
 Legend for shape comments: B sequences, L prompt tokens, N tokens in the stream.
 """
@@ -39,6 +43,7 @@ from gemoe_cli.bench.policies import (
     gemoe_policy,
     native_policy,
     set_baseline,
+    shifted_modality_thresholds,
     shifted_thresholds,
     static_policy,
     sweep_parameters,
@@ -51,10 +56,13 @@ from gemoe_cli.bench.timing import (
     measure_peak_memory,
     memory_method,
     model_device,
+    prompt_arguments,
     time_decode,
     time_prefill,
 )
-from gemoe_cli.calibration.retention import evaluate
+from gemoe_cli.calibration.multimodal import MultimodalBatch
+from gemoe_cli.calibration.retention import evaluate, floating_inputs_as, forward_module
+from gemoe_cli.errors import InvalidInputError
 from gemoe_cli.routing import AdaptiveRouting
 from gemoe_cli.routing.baselines import RatioSkip, StaticK, TopP
 
@@ -65,24 +73,69 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BenchInputs:
-    """The token ids every policy runs on."""
+    """The inputs every policy runs on.
 
-    eval_batches: list[torch.Tensor]
-    """Evaluation blocks for retention and sparsity, each (B_eval, L_eval)."""
-    prefill_ids: torch.Tensor  # (B, L)
-    decode_ids: torch.Tensor  # (B_decode, L)
+    A timed prefill run takes the prompts of `prefill` one after another, and a decode run those of `decode`.
+    Token-block data has one (B, L) tensor in each list. Image+text data has one `MultimodalBatch` per
+    sample, cut before its answer.
+    """
+
+    eval_batches: list
+    """Evaluation data for retention and sparsity: (B_eval, L_eval) token blocks or `MultimodalBatch` samples."""
+    prefill: list
+    decode: list
     prompts_repeated: bool = False
-    """True when the token stream was shorter than the prompts and had to be repeated."""
+    """True when the data was shorter than the prompts and had to be repeated."""
+
+    @property
+    def image_text(self) -> bool:
+        return not isinstance(self.prefill[0], torch.Tensor)
+
+    @property
+    def prefill_ids(self) -> torch.Tensor:
+        """The (B, L) prefill prompt of token-block data."""
+        return self._only_tensor(self.prefill)
+
+    @property
+    def decode_ids(self) -> torch.Tensor:
+        """The (B_decode, L) decode prompt of token-block data."""
+        return self._only_tensor(self.decode)
+
+    def _only_tensor(self, prompts: list) -> torch.Tensor:
+        if self.image_text:
+            raise ValueError("image+text inputs have one prompt per sample, not one token tensor")
+        return prompts[0]
+
+    def to(self, device) -> BenchInputs:
+        return BenchInputs(
+            [batch.to(device) for batch in self.eval_batches],
+            [prompt.to(device) for prompt in self.prefill],
+            [prompt.to(device) for prompt in self.decode],
+            self.prompts_repeated,
+        )
 
     def to_json(self) -> dict:
+        image_text = self.image_text
         return {
+            "kind": "image+text" if image_text else "text",
             "eval_blocks": sum(batch.size(0) for batch in self.eval_batches),
             "eval_tokens": sum(batch.numel() for batch in self.eval_batches),
-            "eval_seq_len": self.eval_batches[0].size(1) if self.eval_batches else None,
-            "prefill_shape": list(self.prefill_ids.shape),
-            "decode_prompt_shape": list(self.decode_ids.shape),
+            "eval_seq_len": self.eval_batches[0].size(1) if self.eval_batches and not image_text else None,
+            "prefill_shape": None if image_text else list(self.prefill_ids.shape),
+            "decode_prompt_shape": None if image_text else list(self.decode_ids.shape),
+            "prefill_passes": len(self.prefill),
+            "decode_passes": len(self.decode),
+            "prefill_prompt_tokens": _prompt_lengths(self.prefill),
+            "decode_prompt_tokens": _prompt_lengths(self.decode),
+            "prefill_images": sum(getattr(prompt, "images", 0) for prompt in self.prefill),
+            "decode_images": sum(getattr(prompt, "images", 0) for prompt in self.decode),
             "prompts_repeated": self.prompts_repeated,
         }
+
+
+def _prompt_lengths(prompts: list) -> list[int]:
+    """Return the tokens of each sequence of `prompts`, in order."""
+    return [prompt.size(1) for prompt in prompts for _ in range(prompt.size(0))]
 
 
 def build_inputs(stream: torch.Tensor, eval_batches: list[torch.Tensor], settings: BenchSettings) -> BenchInputs:
@@ -95,7 +148,28 @@ def build_inputs(stream: torch.Tensor, eval_batches: list[torch.Tensor], setting
         stream = stream.repeat(math.ceil(needed / max(stream.numel(), 1)))
     prefill = stream[: settings.prefill_batch_size * length].reshape(settings.prefill_batch_size, length)
     decode = stream[: settings.decode_batch_size * length].reshape(settings.decode_batch_size, length)
-    return BenchInputs(list(eval_batches), prefill.clone(), decode.clone(), repeated)
+    return BenchInputs(list(eval_batches), [prefill.clone()], [decode.clone()], repeated)
+
+
+def build_image_text_inputs(
+    prompt_samples: Sequence[MultimodalBatch], eval_samples: Sequence[MultimodalBatch], settings: BenchSettings
+) -> BenchInputs:
+    """Take the prefill and decode prompts from the first of `prompt_samples`, each cut before its answer.
+
+    The prefill run gets `settings.prefill_batch_size` samples and the decode run `settings.decode_batch_size`,
+    repeated from the start when there are fewer samples.
+    """
+    needed = max(settings.prefill_batch_size, settings.decode_batch_size)
+    prompts = [sample.prompt() for sample in prompt_samples]
+    if not prompts:
+        raise ValueError("no image+text samples for the prompts")
+    repeated = len(prompts) < needed
+    if repeated:
+        logger.warning("only %d image+text samples for %d prompts; the prompts repeat them", len(prompts), needed)
+        prompts = prompts * math.ceil(needed / len(prompts))
+    return BenchInputs(
+        list(eval_samples), prompts[: settings.prefill_batch_size], prompts[: settings.decode_batch_size], repeated
+    )
 
 
 @dataclass
@@ -126,25 +200,29 @@ def attached(policy: Policy, model: torch.nn.Module) -> Iterator[AdaptiveRouting
             routing.remove()
 
 
-def evaluate_policy(
-    model: torch.nn.Module, routing: AdaptiveRouting, batches: Sequence[torch.Tensor], metric: str
-) -> dict:
-    """Run `evaluate` (static, then as routed now) and return its record with per-layer sparsity."""
+def evaluate_policy(model: torch.nn.Module, routing: AdaptiveRouting, batches: Sequence, metric: str) -> dict:
+    """Run `evaluate` (static, then as routed now) and return its record with per-layer sparsity.
+
+    The image+text figures (``exact_match``, ``modality_sparsity``) are null for token-block data.
+    """
     evaluation = evaluate(model, routing, batches)
     tally = ActivationTally(routing)
     tally.add(routing.counters())
-    record = evaluation.to_json()
+    record = {"exact_match": None, "modality_sparsity": None, **evaluation.to_json()}
+    record["retention"].setdefault("exact_match", None)
     record["sparsity"] = tally.to_json()
     record["metric"] = metric
     return record
 
 
 @torch.no_grad()
-def _native_logit_difference(model, spec: RoutingSpec, prompt: torch.Tensor) -> float:
+def _native_logit_difference(model, spec: RoutingSpec, prompt) -> float:
     """Return the largest |logit| difference between no gemoe and gemoe's static path on one prompt."""
-    native = model(input_ids=prompt, use_cache=False).logits.float()
+    module = forward_module(model)
+    arguments = floating_inputs_as(prompt_arguments(prompt), module)
+    native = module(**arguments, use_cache=False).logits.float()
     with attached(static_policy(spec), model):
-        static = model(input_ids=prompt, use_cache=False).logits.float()
+        static = module(**arguments, use_cache=False).logits.float()
     return float((native - static).abs().max())
 
 
@@ -161,14 +239,11 @@ def run_benchmark(
     parameter, and `inputs` are moved there.
     """
     say = progress or (lambda message: None)
+    if settings.metric == "exact_match" and not inputs.image_text:
+        raise InvalidInputError("--metric exact_match needs image+text data with answers; use nll, agreement or kl.")
     load_average_start = load_average()
     device = model_device(model)
-    inputs = BenchInputs(
-        [batch.to(device) for batch in inputs.eval_batches],
-        inputs.prefill_ids.to(device),
-        inputs.decode_ids.to(device),
-        inputs.prompts_repeated,
-    )
+    inputs = inputs.to(device)
     identity = model_identity(model)
     sweep = None
     with torch.random.fork_rng(devices=[]):
@@ -201,7 +276,7 @@ def _evaluate_policies(model, spec, inputs, settings, say) -> dict[str, PolicyRu
         say(f"evaluating {name} on {eval_tokens} tokens")
         with attached(runs[name].policy, model) as routing:
             runs[name].evaluation = evaluate_policy(model, routing, inputs.eval_batches, settings.metric)
-    runs[NATIVE].extra["max_abs_logit_difference_vs_static"] = _native_logit_difference(model, spec, inputs.decode_ids)
+    runs[NATIVE].extra["max_abs_logit_difference_vs_static"] = _native_logit_difference(model, spec, inputs.decode[0])
 
     target = runs[GEMOE].evaluation["sparsity"]["overall"]
     for policy in calibrate_baselines(model, spec, inputs.eval_batches, target, progress=say):
@@ -212,30 +287,46 @@ def _evaluate_policies(model, spec, inputs, settings, say) -> dict[str, PolicyRu
     return runs
 
 
+def _prefill_run(model, inputs: BenchInputs) -> float:
+    """Run every prefill prompt in turn and return the seconds of their forward passes, summed."""
+    return sum(time_prefill(model, prompt) for prompt in inputs.prefill)
+
+
+def _decode_run(model, inputs: BenchInputs, settings: BenchSettings) -> None:
+    for prompt in inputs.decode:
+        time_decode(model, prompt, settings.gen_len)
+
+
 def _run_prefill_and_decode(model, run: PolicyRun, inputs: BenchInputs, settings: BenchSettings, record: bool):
     with attached(run.policy, model) as routing:
         if routing is not None:
             routing.reset_counters()
-        seconds = time_prefill(model, inputs.prefill_ids)
+        seconds = _prefill_run(model, inputs)
         if record:
             run.prefill_seconds.append(seconds)
             if routing is not None:
                 run.prefill_tally = run.prefill_tally or ActivationTally(routing)
                 run.prefill_tally.add(routing.counters())
 
+        first_token_seconds = decode_seconds = 0.0
         prompt_counts: dict = {}
-        if routing is not None:
-            routing.reset_counters()
         on_first_step = (lambda: prompt_counts.update(routing.counters())) if routing is not None else None
-        timing = time_decode(model, inputs.decode_ids, settings.gen_len, on_first_step)
-        if record:
-            run.first_token_seconds.append(timing.first_token_seconds)
-            run.decode_seconds.append(timing.decode_seconds)
-            run.decode_steps = timing.decode_steps
+        for prompt in inputs.decode:
+            prompt_counts.clear()
             if routing is not None:
-                # Counters taken at the first new token hold the prompt's prefill; only the steps after it count.
-                run.decode_tally = run.decode_tally or ActivationTally(routing)
-                run.decode_tally.add(routing.counters(), minus=prompt_counts)
+                routing.reset_counters()
+            timing = time_decode(model, prompt, settings.gen_len, on_first_step)
+            first_token_seconds += timing.first_token_seconds
+            decode_seconds += timing.decode_seconds
+            if record:
+                run.decode_steps = timing.decode_steps
+                if routing is not None:
+                    # Counters taken at the first new token hold the prompt's prefill, so only later steps count.
+                    run.decode_tally = run.decode_tally or ActivationTally(routing)
+                    run.decode_tally.add(routing.counters(), minus=prompt_counts)
+        if record:
+            run.first_token_seconds.append(first_token_seconds)
+            run.decode_seconds.append(decode_seconds)
 
 
 def _time_policies(model, runs: dict[str, PolicyRun], inputs, settings, say) -> None:
@@ -254,10 +345,8 @@ def _measure_memory(model, runs: dict[str, PolicyRun], inputs, settings, say) ->
     say("measuring peak memory")
     for run in runs.values():
         with attached(run.policy, model):
-            run.memory["prefill"] = measure_peak_memory(device, lambda: time_prefill(model, inputs.prefill_ids))
-            run.memory["decode"] = measure_peak_memory(
-                device, lambda: time_decode(model, inputs.decode_ids, settings.gen_len)
-            )
+            run.memory["prefill"] = measure_peak_memory(device, lambda: _prefill_run(model, inputs))
+            run.memory["decode"] = measure_peak_memory(device, lambda: _decode_run(model, inputs, settings))
 
 
 def _profile_policies(model, runs: dict[str, PolicyRun], inputs, settings, say) -> None:
@@ -272,23 +361,28 @@ def _profile_policies(model, runs: dict[str, PolicyRun], inputs, settings, say) 
 def _profile_once(model, run: PolicyRun, inputs: BenchInputs, settings: BenchSettings) -> None:
     with attached(run.policy, model) as routing, MoEProfiler(model, routing) as profiler:
         moe_before, route_before = profiler.snapshot()
-        wall = time_prefill(model, inputs.prefill_ids)
-        _append_profile(run.profile["prefill"], profiler, moe_before, route_before, wall)
+        wall = _prefill_run(model, inputs)
+        moe_after, route_after = profiler.snapshot()
+        _append_profile(run.profile["prefill"], profiler, moe_after - moe_before, route_after - route_before, wall)
 
+        moe = route = wall = 0.0
         at_first_step: list[tuple[float, float]] = []
-        timing = time_decode(
-            model, inputs.decode_ids, settings.gen_len, lambda: at_first_step.append(profiler.snapshot())
-        )
-        moe_before, route_before = at_first_step[0]
-        _append_profile(run.profile["decode"], profiler, moe_before, route_before, timing.decode_seconds)
+        for prompt in inputs.decode:
+            at_first_step.clear()
+            timing = time_decode(model, prompt, settings.gen_len, lambda: at_first_step.append(profiler.snapshot()))
+            moe_before, route_before = at_first_step[0]
+            moe_after, route_after = profiler.snapshot()
+            moe += moe_after - moe_before
+            route += route_after - route_before
+            wall += timing.decode_seconds
+        _append_profile(run.profile["decode"], profiler, moe, route, wall)
 
 
-def _append_profile(phase: dict, profiler: MoEProfiler, moe_before: float, route_before: float, wall: float) -> None:
-    moe_after, route_after = profiler.snapshot()
-    phase["moe"].append(moe_after - moe_before)
+def _append_profile(phase: dict, profiler: MoEProfiler, moe: float, route: float, wall: float) -> None:
+    phase["moe"].append(moe)
     if profiler.routing is not None:
         # The native policy has no route step, so its route list stays empty and reports None.
-        phase["route"].append(route_after - route_before)
+        phase["route"].append(route)
     phase["wall"].append(wall)
 
 
@@ -306,6 +400,7 @@ def _sweep(model, spec: RoutingSpec, inputs, settings, say) -> dict[str, list[di
             for value in values:
                 if name == GEMOE:
                     routing.set_thresholds(shifted_thresholds(spec.thresholds, value))
+                    routing.set_modality_thresholds(shifted_modality_thresholds(spec.modality_thresholds, value))
                 else:
                     baseline = {TOP_P: TopP, RATIO_SKIP: RatioSkip, "static_k": lambda k: StaticK(int(k))}[name]
                     set_baseline(routing, spec, baseline(value))

@@ -12,7 +12,8 @@ from gemoe_cli.errors import InvalidInputError
 MIN_REPEATS = 5
 """Fewest timed runs per policy and phase; a median of fewer runs moves too much between invocations."""
 
-METRICS = ("nll", "agreement", "kl")
+METRICS = ("nll", "agreement", "kl", "exact_match")
+"""Retention metrics; ``exact_match`` (greedy answers) needs image+text data with answers."""
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,11 @@ class BenchSettings:
     """
 
     prefill_batch_size: int = 8
-    """Prompts per prefill forward pass."""
+    """Prompts per prefill run: one forward pass over token prompts, or image+text prompts one at a time."""
     prompt_len: int = 128
-    """Tokens per prompt, for prefill and for the prompt that decoding starts from."""
+    """Tokens per prompt, for prefill and for the prompt that decoding starts from (token-block data only)."""
     decode_batch_size: int = 1
-    """Sequences generated together."""
+    """Sequences per decode run: generated together from token prompts, one at a time from image+text prompts."""
     gen_len: int = 32
     """New tokens per generated sequence (greedy, KV cache)."""
     repeats: int = MIN_REPEATS
@@ -35,9 +36,9 @@ class BenchSettings:
     warmup: int = 1
     """Untimed runs per policy and phase before the timed ones."""
     metric: str = "nll"
-    """Retention metric: nll, agreement or kl."""
+    """Retention metric: nll, agreement, kl or (image+text data) exact_match."""
     eval_batch_size: int = 8
-    """Evaluation blocks per forward pass."""
+    """Evaluation blocks per forward pass (image+text samples run one at a time)."""
     profile_moe: bool = False
     """Also time the MoE blocks and the adaptive layers' `route` in extra, synchronised runs."""
     sweep_points: int = 0

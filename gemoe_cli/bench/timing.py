@@ -3,6 +3,11 @@
 Every clock read that ends a measurement comes after `synchronize`, so queued GPU work is counted.
 Warm-up runs are the caller's business: nothing here records a run it was not asked to time.
 
+A prompt is a (B, L) tensor of token ids, the keyword arguments of one forward pass (``input_ids``,
+``attention_mask`` and, for a vision-language model, ``pixel_values`` and the other outputs of its
+processor), or a `MultimodalBatch` holding them. Every prompt runs through `forward_module(model)`, which is
+Qwen3-Omni's thinker and the model itself for every other family.
+
 Legend for shape comments: B sequences, L prompt tokens.
 """
 
@@ -14,12 +19,17 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
 
+from gemoe_cli.calibration.retention import floating_inputs_as, forward_module
 from gemoe_cli.routing import AdaptiveRouting, find_moe_blocks
+
+if TYPE_CHECKING:
+    from gemoe_cli.calibration.multimodal import MultimodalBatch
 
 MEMORY_SAMPLE_INTERVAL_S = 0.001
 """How often the CPU memory sampler reads the resident set size."""
@@ -45,15 +55,29 @@ def _prefill_kwargs(model: torch.nn.Module) -> dict:
     return {}
 
 
+Prompt = Union[torch.Tensor, Mapping[str, torch.Tensor], "MultimodalBatch"]
+"""Token ids (B, L), the keyword arguments of one forward pass, or a `MultimodalBatch`."""
+
+
+def prompt_arguments(prompt: Prompt) -> dict[str, torch.Tensor]:
+    """Return the keyword arguments of a prompt, with an all-ones attention mask where it has none."""
+    if isinstance(prompt, torch.Tensor):
+        return {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    arguments = dict(prompt) if isinstance(prompt, Mapping) else dict(prompt.inputs)
+    arguments.setdefault("attention_mask", torch.ones_like(arguments["input_ids"]))
+    return arguments
+
+
 @torch.no_grad()
-def time_prefill(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
-    """Run one prefill forward pass over `input_ids` (B, L) with a KV cache and return its seconds."""
+def time_prefill(model: torch.nn.Module, prompt: Prompt) -> float:
+    """Run one prefill forward pass over `prompt` with a KV cache and return its seconds."""
     device = model_device(model)
-    kwargs = _prefill_kwargs(model)
-    attention_mask = torch.ones_like(input_ids)
+    module = forward_module(model)
+    kwargs = _prefill_kwargs(module)
+    arguments = floating_inputs_as(prompt_arguments(prompt), module)
     synchronize(device)
     started = time.perf_counter()
-    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+    module(**arguments, use_cache=True, **kwargs)
     synchronize(device)
     return time.perf_counter() - started
 
@@ -125,21 +149,22 @@ def _greedy_generation_config(model: torch.nn.Module, gen_len: int):
 @torch.no_grad()
 def time_decode(
     model: torch.nn.Module,
-    prompt_ids: torch.Tensor,
+    prompt: Prompt,
     gen_len: int,
     on_first_step: Callable[[], None] | None = None,
 ) -> DecodeTiming:
-    """Generate `gen_len` tokens greedily after `prompt_ids` (B, L) with a KV cache and time the steps."""
+    """Generate `gen_len` tokens greedily after `prompt` with a KV cache and time the steps."""
     from transformers import LogitsProcessorList
 
     device = model_device(model)
+    module = forward_module(model)
     clock = _StepClock(device, on_first_step)
+    arguments = floating_inputs_as(prompt_arguments(prompt), module)
     synchronize(device)
     started = time.perf_counter()
-    model.generate(
-        input_ids=prompt_ids,
-        attention_mask=torch.ones_like(prompt_ids),
-        generation_config=_greedy_generation_config(model, gen_len),
+    module.generate(
+        **arguments,
+        generation_config=_greedy_generation_config(module, gen_len),
         logits_processor=LogitsProcessorList([clock]),
     )
     if clock.first_token_at is None or clock.last_step_at is None:

@@ -38,6 +38,8 @@ class MultimodalBatch:
     prompt_length: int
     """Tokens before the answer; greedy generation starts there."""
     origin: str = ""
+    images: int = 0
+    """Images in the sample."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -52,7 +54,7 @@ class MultimodalBatch:
 
     def to(self, device) -> MultimodalBatch:
         inputs = {name: value.to(device) for name, value in self.inputs.items()}
-        return MultimodalBatch(inputs, self.target_mask.to(device), self.prompt_length, self.origin)
+        return MultimodalBatch(inputs, self.target_mask.to(device), self.prompt_length, self.origin, self.images)
 
     def prompt_inputs(self) -> dict[str, torch.Tensor]:
         """Return the inputs cut before the answer: every (1, L) tensor keeps its first `prompt_length` tokens."""
@@ -61,6 +63,12 @@ class MultimodalBatch:
             name: value[:, : self.prompt_length] if value.dim() == 2 and value.size(1) == length else value
             for name, value in self.inputs.items()
         }
+
+    def prompt(self) -> MultimodalBatch:
+        """Return the sample cut before its answer, as a batch with nothing to score."""
+        inputs = self.prompt_inputs()
+        mask = self.target_mask[:, : self.prompt_length]
+        return MultimodalBatch(inputs, torch.zeros_like(mask), self.prompt_length, self.origin, self.images)
 
     @property
     def answer_length(self) -> int:
@@ -165,7 +173,7 @@ def encode_sample(
     target_mask[:, prompt_length:] = True
     if not target_mask.any():
         raise SampleError("nothing to score", "the sample has no answer or text after its images to score")
-    return MultimodalBatch(full, target_mask, prompt_length, sample.origin)
+    return MultimodalBatch(full, target_mask, prompt_length, sample.origin, len(images))
 
 
 def build_multimodal_data(

@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,6 +84,99 @@ def _progress_bar(data: CalibrationData | MultimodalCalibrationData):
     )
 
 
+@dataclass(frozen=True)
+class DatasetChoice:
+    """The data source of a run and whether it contains image+text samples."""
+
+    dataset: str
+    image_text: bool
+    vision_language: bool
+    """Whether the model has a vision tower."""
+    hub_rows: Any = None
+    """The rows of an ``hf:`` dataset already loaded to look at its columns (vision-language models only)."""
+
+
+def choose_dataset(config, dataset: str | None) -> DatasetChoice:
+    """Pick the data source and tell whether it contains image+text samples, without opening any image.
+
+    `dataset=None` picks the built-in image set for vision-language models and the built-in text set
+    otherwise. Image+text data is used only for a vision-language model.
+    """
+    from gemoe_cli.calibration.data import load_hub_dataset
+    from gemoe_cli.calibration.images import is_image_text_dataset
+    from gemoe_cli.vlm import family_of
+
+    vision_language = family_of(config) is not None
+    dataset = dataset or (BUILTIN_IMAGES if vision_language else BUILTIN)
+    if vision_language and dataset.startswith("hf:"):
+        rows = load_hub_dataset(dataset)
+        image_text = any(column in rows.column_names for column in ("image", "images"))
+        return DatasetChoice(dataset, image_text, vision_language, rows)
+    return DatasetChoice(dataset, vision_language and is_image_text_dataset(dataset), vision_language)
+
+
+def read_data(
+    source: str,
+    config,
+    choice: DatasetChoice,
+    *,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    heldout_fraction: float,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    max_images: int | None = None,
+    skip_bad_samples: bool = False,
+    trust_remote_code: bool = False,
+) -> CalibrationData | MultimodalCalibrationData:
+    """Read, encode and split the data of `choice` for the model at `source`, as `gemoe calibrate` does.
+
+    Image+text samples go through the model's processor and chat template, text through its tokenizer.
+    No weights load.
+
+    Raises:
+        InvalidInputError: the tokenizer or processor is missing, the data is missing or too small, or a
+            sample is bad and `skip_bad_samples` is off.
+    """
+    from gemoe_cli.calibration.images import read_image_text_samples, samples_from_rows
+    from gemoe_cli.calibration.multimodal import build_multimodal_data
+    from gemoe_cli.models import load_tokenizer, max_positions
+    from gemoe_cli.routing.modality import placeholder_token_ids
+    from gemoe_cli.vlm import load_processor
+
+    bad_samples = BadSamples(skip=skip_bad_samples)
+    if not choice.image_text:
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+        return build_calibration_data(
+            choice.dataset,
+            tokenizer,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            seed=seed,
+            heldout_fraction=heldout_fraction,
+            max_positions=max_positions(config),
+            bad_samples=bad_samples,
+        )
+
+    processor = load_processor(source, config, trust_remote_code=trust_remote_code)
+    if choice.hub_rows is not None:
+        samples = samples_from_rows(choice.hub_rows, choice.dataset)
+    else:
+        samples = read_image_text_samples(choice.dataset, prompt_template)
+    return build_multimodal_data(
+        samples,
+        processor,
+        choice.dataset,
+        placeholders={token for ids in placeholder_token_ids(config).values() for token in ids},
+        num_samples=num_samples,
+        seed=seed,
+        heldout_fraction=heldout_fraction,
+        max_images=max_images,
+        max_tokens=max_positions(config),
+        bad_samples=bad_samples,
+    )
+
+
 def run_calibration(
     source: str,
     *,
@@ -116,14 +210,9 @@ def run_calibration(
     vision-language models and the built-in text set otherwise.
     """
     from gemoe_cli.api import model_identity
-    from gemoe_cli.calibration.data import load_hub_dataset
-    from gemoe_cli.calibration.images import is_image_text_dataset, read_image_text_samples, samples_from_rows
-    from gemoe_cli.calibration.multimodal import build_multimodal_data
     from gemoe_cli.inspection import describe_source
-    from gemoe_cli.models import load_config, load_model, load_tokenizer, max_positions, resolve_device
+    from gemoe_cli.models import load_config, load_model, resolve_device
     from gemoe_cli.routing import attach_adaptive_routing
-    from gemoe_cli.routing.modality import placeholder_token_ids
-    from gemoe_cli.vlm import family_of, load_processor
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -141,54 +230,29 @@ def run_calibration(
         raise InvalidInputError(f"--k-max {resolved_k_max} is greater than the model's K={top_k}; use at most {top_k}.")
 
     config = load_config(source, trust_remote_code=trust_remote_code)
-    vision_language = family_of(config) is not None
-    dataset = dataset or (BUILTIN_IMAGES if vision_language else BUILTIN)
-    bad_samples = BadSamples(skip=skip_bad_samples)
-    hub_rows = None
-    if vision_language and dataset.startswith("hf:"):
-        hub_rows = load_hub_dataset(dataset)
-        image_text = any(column in hub_rows.column_names for column in ("image", "images"))
-    else:
-        image_text = vision_language and is_image_text_dataset(dataset)
+    choice = choose_dataset(config, dataset)
+    dataset, image_text = choice.dataset, choice.image_text
     if per_modality and not image_text:
         raise InvalidInputError(
             "--per-modality needs a vision-language model and image+text data; "
-            f"{'the model is text-only' if not vision_language else f'dataset {dataset} has no images'}."
+            f"{'the model is text-only' if not choice.vision_language else f'dataset {dataset} has no images'}."
         )
     if metric == "exact_match" and not image_text:
         raise InvalidInputError("--metric exact_match needs image+text data with answers; use nll, agreement or kl.")
 
-    if image_text:
-        processor = load_processor(source, config, trust_remote_code=trust_remote_code)
-        samples = (
-            samples_from_rows(hub_rows, dataset)
-            if hub_rows is not None
-            else read_image_text_samples(dataset, prompt_template)
-        )
-        data = build_multimodal_data(
-            samples,
-            processor,
-            dataset,
-            placeholders={token for ids in placeholder_token_ids(config).values() for token in ids},
-            num_samples=num_samples,
-            seed=seed,
-            heldout_fraction=heldout_fraction,
-            max_images=max_images,
-            max_tokens=max_positions(config),
-            bad_samples=bad_samples,
-        )
-    else:
-        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-        data = build_calibration_data(
-            dataset,
-            tokenizer,
-            num_samples=num_samples,
-            seq_len=seq_len,
-            seed=seed,
-            heldout_fraction=heldout_fraction,
-            max_positions=max_positions(config),
-            bad_samples=bad_samples,
-        )
+    data = read_data(
+        source,
+        config,
+        choice,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        seed=seed,
+        heldout_fraction=heldout_fraction,
+        prompt_template=prompt_template,
+        max_images=max_images,
+        skip_bad_samples=skip_bad_samples,
+        trust_remote_code=trust_remote_code,
+    )
     timings["data"] = time.perf_counter() - started
 
     started = time.perf_counter()

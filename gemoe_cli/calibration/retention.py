@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,12 +71,22 @@ def forward_module(model):
     return vlm_forward_module(model) if hasattr(model, "config") else model
 
 
+def floating_inputs_as(inputs: Mapping[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Return `inputs` with floating-point tensors (pixel values) in the dtype of `module`'s first parameter.
+
+    Processors choose the dtype of pixel values themselves (float32 for most, bfloat16 for Llama 4's image
+    processor in transformers 5.23), and not every vision tower casts them to its weights' dtype.
+    """
+    dtype = next(module.parameters()).dtype
+    return {name: value.to(dtype) if value.is_floating_point() else value for name, value in inputs.items()}
+
+
 def model_forward(model, batch, **kwargs):
     """Run one batch, token ids (B, L) or a `MultimodalBatch`, without a KV cache; return the model output."""
     module = forward_module(model)
     if isinstance(batch, torch.Tensor):
         return module(input_ids=batch, use_cache=False, **kwargs)
-    return module(**batch.inputs, use_cache=False, **kwargs)
+    return module(**floating_inputs_as(batch.inputs, module), use_cache=False, **kwargs)
 
 
 def _scored_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +159,7 @@ def evaluate(model, routing, batches: Iterable, progress=None) -> Evaluation:
 def greedy_answer(model, batch, max_new_tokens: int) -> torch.Tensor:
     """Generate the greedy answer to a `MultimodalBatch`'s prompt; return the new token ids (1, n)."""
     module = forward_module(model)
-    prompt = batch.prompt_inputs()
+    prompt = floating_inputs_as(batch.prompt_inputs(), module)
     tokenizer_pad = getattr(getattr(module, "generation_config", None), "pad_token_id", None)
     output = module.generate(
         **prompt,

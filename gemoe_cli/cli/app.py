@@ -6,7 +6,8 @@ subcommand's module only when that subcommand runs or prints its own help. `gemo
 
 Every failure inside a subcommand ends with one `error: ...` line on stderr and an exit code:
 `GemoeError` subclasses use their `exit_code`, KeyboardInterrupt exits with 130, and any other exception
-exits with 3. `--verbose` prints the traceback before that line.
+exits with 3 (a full disk and out of memory get a message with the fix). `--verbose` prints the traceback
+before that line.
 """
 
 from __future__ import annotations
@@ -130,11 +131,44 @@ class RootGroup(TyperGroup):
             report_failure("interrupted", error, verbose)
             raise typer.Exit(INTERRUPTED_EXIT_CODE) from error
         except Exception as error:
-            message = f"error: {type(error).__name__}: {first_line(str(error))}"
-            if not verbose:
-                message += " (rerun with --verbose for the traceback)"
-            report_failure(message, error, verbose)
+            report_failure(unclassified_failure_message(error, verbose), error, verbose)
             raise typer.Exit(RuntimeFailureError.exit_code) from error
+
+
+def unclassified_failure_message(error: Exception, verbose: bool) -> str:
+    """Return the error line for an exception that is not a `GemoeError`.
+
+    A full disk and running out of memory get their fix; any other exception is named with the first line
+    of its message.
+    """
+    from gemoe_cli.atomic import is_disk_full
+
+    text = first_line(str(error))
+    detail = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    if is_disk_full(error):
+        written = f" while writing {error.filename}" if isinstance(error, OSError) and error.filename else ""
+        return f"error: no space left on device{written}; free space on that file system or choose another output path."
+    if is_out_of_memory(error):
+        return (
+            f"error: out of memory ({detail}); use smaller batches or shorter sequences, --dtype bfloat16, "
+            "or a device with more memory."
+        )
+    message = f"error: {detail}"
+    if not verbose:
+        message += " (rerun with --verbose for the traceback)"
+    return message
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Return whether `error` reports an allocation failure: MemoryError, or torch out of memory on any device."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # imported by the command that failed, if it allocates tensors
+    if torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    # The CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory").
+    text = first_line(str(error)).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def first_line(text: str) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from gemoe_cli.bench.settings import DEFAULTS, METRICS, BenchSettings
-from gemoe_cli.calibration.data import BUILTIN
+from gemoe_cli.calibration.images import DEFAULT_PROMPT_TEMPLATE
 from gemoe_cli.cli.calibrate import DEFAULT_HELDOUT_FRACTION, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 from gemoe_cli.errors import GateFailedError, InvalidInputError
 
@@ -50,30 +50,70 @@ def bench_command(
         Path | None, typer.Option("--plot", help="Write retention-vs-sparsity and k-histogram plots (PNG).")
     ] = None,
     prefill_batch_size: Annotated[
-        int, typer.Option("--prefill-batch-size", help="Prompts per prefill pass.")
+        int,
+        typer.Option("--prefill-batch-size", help="Prompts per prefill pass (image+text prompts run one at a time)."),
     ] = DEFAULTS.prefill_batch_size,
-    prompt_len: Annotated[int, typer.Option("--prompt-len", help="Tokens per prompt.")] = DEFAULTS.prompt_len,
+    prompt_len: Annotated[
+        int, typer.Option("--prompt-len", help="Tokens per prompt (text data; image+text prompts keep theirs).")
+    ] = DEFAULTS.prompt_len,
     decode_batch_size: Annotated[
-        int, typer.Option("--decode-batch-size", help="Sequences generated together.")
+        int,
+        typer.Option(
+            "--decode-batch-size", help="Sequences generated together (image+text prompts: one after another)."
+        ),
     ] = DEFAULTS.decode_batch_size,
     gen_len: Annotated[int, typer.Option("--gen-len", help="New tokens per sequence (greedy).")] = DEFAULTS.gen_len,
     repeats: Annotated[
         int, typer.Option("--repeats", help="Timed runs per policy and phase (5 or more).")
     ] = DEFAULTS.repeats,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per policy first.")] = DEFAULTS.warmup,
-    metric: Annotated[str, typer.Option("--metric", help=f"Retention metric: {', '.join(METRICS)}.")] = DEFAULTS.metric,
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric",
+            help=f"Retention metric: {', '.join(METRICS)} (exact_match compares greedy answers; image+text data only).",
+        ),
+    ] = DEFAULTS.metric,
     dataset: Annotated[
-        str, typer.Option("--dataset", help="builtin, a .txt/.jsonl file or folder, or hf:NAME[:CONFIG][:SPLIT].")
-    ] = BUILTIN,
+        str | None,
+        typer.Option(
+            "--dataset",
+            help="builtin (text), builtin-images, a .txt/.jsonl file, a folder of text files or images, or "
+            "hf:NAME[:CONFIG][:SPLIT]. Default: builtin-images for vision-language models, builtin otherwise.",
+        ),
+    ] = None,
+    prompt_template: Annotated[
+        str,
+        typer.Option(
+            "--prompt-template",
+            help="Question asked about each image of an image folder; {name} is replaced by the file name.",
+        ),
+    ] = DEFAULT_PROMPT_TEMPLATE,
+    max_images: Annotated[
+        int | None, typer.Option("--max-images", help="Most images one image+text sample may have (default: no limit).")
+    ] = None,
+    skip_bad_samples: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad-samples",
+            help="Leave out samples that cannot be used (missing image, too many images, ...) and count them.",
+        ),
+    ] = False,
     num_samples: Annotated[
-        int, typer.Option("--num-samples", help="Token blocks to build (as calibrate; the held-out part is used).")
+        int,
+        typer.Option(
+            "--num-samples", help="Token blocks or image+text samples (as calibrate; the held-out part is evaluated)."
+        ),
     ] = DEFAULT_NUM_SAMPLES,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per evaluation block.")] = DEFAULT_SEQ_LEN,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", help="Tokens per evaluation block (text data; image+text samples keep theirs).")
+    ] = DEFAULT_SEQ_LEN,
     heldout_fraction: Annotated[
         float, typer.Option("--heldout-fraction", help="Share of blocks in the held-out evaluation set.")
     ] = DEFAULT_HELDOUT_FRACTION,
     eval_batch_size: Annotated[
-        int, typer.Option("--eval-batch-size", help="Evaluation blocks per forward pass.")
+        int,
+        typer.Option("--eval-batch-size", help="Evaluation blocks per forward pass (image+text: one sample each)."),
     ] = DEFAULTS.eval_batch_size,
     profile_moe: Annotated[
         bool, typer.Option("--profile-moe", help="Also time MoE blocks and routing in extra synchronised runs.")
@@ -106,6 +146,7 @@ def bench_command(
 
     Policies: static_native (no gemoe), static (gemoe's path with every token at K experts), gemoe, and
     top_p, ratio_skip (both calibrated to gemoe's sparsity on the evaluation set) and static_k_minus_1.
+    Vision-language models run on image+text samples prepared by their own processor and chat template.
     Gates exit with 1 after the JSON is written.
     """
     settings = BenchSettings(
@@ -123,6 +164,8 @@ def bench_command(
     )
     if dtype not in DTYPES:
         raise InvalidInputError(f"--dtype {dtype} is unknown; use {', '.join(DTYPES)}.")
+    if max_images is not None and max_images < 1:
+        raise InvalidInputError(f"--max-images {max_images} is invalid; use 1 or more.")
     if not 0.0 < heldout_fraction < 1.0:
         raise InvalidInputError(f"--heldout-fraction {heldout_fraction} is outside (0, 1); use e.g. 0.2.")
     _check_gate("--fail-under-retention", fail_under_retention)
@@ -132,7 +175,7 @@ def bench_command(
 
     from rich.console import Console
 
-    from gemoe_cli.bench.report import check_gates, render_tables, require_matplotlib, write_json, write_plot
+    from gemoe_cli.bench.report import check_gates, render_tables, require_matplotlib, write_outputs
 
     if plot is not None:
         require_matplotlib()
@@ -155,13 +198,13 @@ def bench_command(
         allow_pickle=allow_pickle,
         threads=threads,
         progress=lambda message: errors.print(f"[dim]{message}[/dim]"),
+        prompt_template=prompt_template,
+        max_images=max_images,
+        skip_bad_samples=skip_bad_samples,
     )
 
     failures = check_gates(record, fail_under_retention, fail_under_speedup)
-    if json_path is not None:
-        write_json(record, json_path)
-    if plot is not None:
-        write_plot(record, plot)
+    write_outputs(record, json_path, plot)
     render_tables(record, Console(soft_wrap=False))
     written = [str(path) for path in (json_path, plot) if path is not None]
     if written:

@@ -226,11 +226,13 @@ def calibrate_command(
         skip_bad_samples=skip_bad_samples,
     )
 
-    from gemoe_cli.atomic import write_text_atomically
-    from gemoe_cli.recipe import save_recipe
+    from gemoe_cli.atomic import OutputFile, write_files_atomically
+    from gemoe_cli.recipe import recipe_text
 
     outcome.report["seconds"]["total"] = time.perf_counter() - started
-    save_recipe(outcome.recipe, output)
+    # The recipe and the report are replaced together, so a failed write leaves the previous pair.
+    outputs = [OutputFile(output, recipe_text(outcome.recipe, output), "recipe file")]
     if report is not None:
-        write_text_atomically(report, json.dumps(outcome.report, indent=2) + "\n", what="report")
+        outputs.append(OutputFile(report, json.dumps(outcome.report, indent=2) + "\n", "report"))
+    write_files_atomically(outputs)
     outcome.print_summary(output, report)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gemoe_cli.atomic import write_text_atomically
 from gemoe_cli.errors import GemoeError
 from gemoe_cli.export import decoder
 
@@ -160,7 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         decode = _format_ms(record["decode_seconds_per_token"])
         print(f"| {Path(record['directory']).name} | {record['body']} | {prefill} | {decode} | {sparsity} |")
     if args.json is not None:
-        args.json.write_text(json.dumps(records, indent=2) + "\n", "utf-8")
+        try:
+            write_text_atomically(args.json, json.dumps(records, indent=2) + "\n", what="benchmark JSON")
+        except GemoeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return error.exit_code
     return 0
 
 

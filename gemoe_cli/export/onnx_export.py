@@ -369,9 +369,16 @@ def _export_into(
 def _save_tokenizer(source: str, directory: Path, trust_remote_code: bool) -> bool:
     from transformers import AutoTokenizer
 
+    # An OSError from loading means the source has no tokenizer. From saving it means the output is broken
+    # (a full disk), so it is not caught there and the export stops.
     try:
-        AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as error:
+        logger.warning("no tokenizer saved with the ONNX model: %s", _first_line(str(error)) or type(error).__name__)
+        return False
+    try:
+        tokenizer.save_pretrained(directory)
+    except (ValueError, TypeError, KeyError) as error:
         logger.warning("no tokenizer saved with the ONNX model: %s", _first_line(str(error)) or type(error).__name__)
         return False
     return True

@@ -13,6 +13,7 @@ from gemoe_cli.cli.app import app
 from gemoe_cli.recipe import save_recipe
 from tests.bench.conftest import fitted_recipe
 from tests.tiny_models import build
+from tests.write_faults import FaultyDisk, leftovers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = REPO_ROOT / "docs" / "bench.md"
@@ -291,3 +292,45 @@ def test_bench_listed_in_root_help():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     assert "bench" in result.output
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_output_in_missing_folder_exits_2(tiny_model_dir, tiny_recipe, tmp_path, option):
+    path = tmp_path / "absent" / ("bench.json" if option == "--json" else "bench.png")
+    result = invoke(str(tiny_model_dir), "--recipe", str(tiny_recipe), option, str(path), *FAST_ARGS)
+    assert result.exit_code == 2, result.output
+    assert f"{option} {path}: folder {tmp_path / 'absent'} does not exist; create it first." in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- faults while the JSON record and the plot are written ----------------------------------------------
+
+
+def test_full_disk_keeps_previous_json_and_plot(tiny_model_dir, tiny_recipe, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    json_path, plot = folder / "bench.json", folder / "bench.png"
+    json_path.write_text('{"previous": true}\n')
+    plot.write_bytes(b"previous plot")
+    arguments = (
+        str(tiny_model_dir), "--recipe", str(tiny_recipe), "--json", str(json_path), "--plot", str(plot),
+        "--sweep-points", "0", *FAST_ARGS,
+    )  # fmt: skip
+
+    for name, what in (("bench.json", "benchmark JSON"), ("bench.png", "plot")):
+        # The disk fills 500 bytes into the file, after the other file (if written first) is complete.
+        with monkeypatch.context() as patch:
+            faulty = FaultyDisk(folder, 500, file=name).install(patch)
+            result = invoke(*arguments)
+
+        assert faulty.failed == [name]
+        assert dict(faulty.written)[name] == 500
+        assert result.exit_code == 3, (name, result.output)
+        assert (
+            f"error: cannot write {what} {folder / name}: no space left on device (the disk or the quota is full); "
+            "free space on that file system or choose another output path." in result.stderr
+        ), name
+        assert json_path.read_text() == '{"previous": true}\n', name
+        assert plot.read_bytes() == b"previous plot", name
+        assert leftovers(folder, {"bench.json", "bench.png"}) == [], name

@@ -1,5 +1,6 @@
 """Tests of the root `gemoe` command: help, version, lazy subcommands and exit codes."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from gemoe_cli import __version__
 from gemoe_cli.cli.app import app, create_app, main, unwrap_paragraphs
 from gemoe_cli.errors import (
+    DiskFullError,
     GateFailedError,
     InvalidInputError,
     RecipeMismatchError,
@@ -35,6 +37,13 @@ FAILURES: dict[str, BaseException] = {
     "keyboard-interrupt": KeyboardInterrupt(),
     "unexpected": ValueError("shapes (4, 8) and (16, 2) do not match\nsecond line of detail"),
     "brackets": InvalidInputError("thresholds[i] at [bold] must be finite."),
+    "disk-full": DiskFullError("cannot write recipe file r.yaml: no space left on device; free space."),
+    "unclassified-disk-full": OSError(errno.ENOSPC, "No space left on device", "/data/cache/blob"),
+    "rust-disk-full": RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    "memory": MemoryError(),
+    "cpu-out-of-memory": RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"
+    ),
 }
 
 
@@ -119,6 +128,7 @@ def test_unknown_command_is_usage_error():
         ("recipe-mismatch", 2),
         ("gate-failed", 1),
         ("runtime-failure", 3),
+        ("disk-full", 3),
     ],
 )
 def test_gemoe_error_exit_code(name, exit_code):
@@ -153,6 +163,54 @@ def test_unexpected_error_exits_3():
     assert lines[0] == (
         "error: ValueError: shapes (4, 8) and (16, 2) do not match (rerun with --verbose for the traceback)"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "unclassified-disk-full",
+            "error: no space left on device while writing /data/cache/blob; free space on that file system or "
+            "choose another output path.",
+        ),
+        (
+            "rust-disk-full",
+            "error: no space left on device; free space on that file system or choose another output path.",
+        ),
+        (
+            "memory",
+            "error: out of memory (MemoryError); use smaller batches or shorter sequences, --dtype bfloat16, "
+            "or a device with more memory.",
+        ),
+        (
+            "cpu-out-of-memory",
+            "error: out of memory (RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't "
+            "allocate memory: you tried to allocate 8 GB); use smaller batches or shorter sequences, "
+            "--dtype bfloat16, or a device with more memory.",
+        ),
+    ],
+)
+def test_full_disk_and_out_of_memory_name_fix(name, message):
+    result = runner.invoke(failing_app(), ["raise", name])
+
+    assert result.exit_code == 3
+    assert result.stderr.strip() == message
+
+
+def test_torch_out_of_memory_names_fix():
+    import torch
+
+    def allocate() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    test_app = create_app()
+    test_app.command("allocate")(allocate)
+
+    result = runner.invoke(test_app, ["allocate"])
+
+    assert result.exit_code == 3
+    assert result.stderr.strip().startswith("error: out of memory (OutOfMemoryError: CUDA out of memory.")
+    assert "or a device with more memory." in result.stderr
 
 
 def test_verbose_prints_traceback():

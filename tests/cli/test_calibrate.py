@@ -1,11 +1,13 @@
 import json
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from gemoe_cli.cli.app import app
 from tests import tiny_models
+from tests.write_faults import FaultyDisk, fault_points, leftovers, snapshot
 
 runner = CliRunner()
 FAST = ["--num-samples", "24", "--seq-len", "32", "--batch-size", "8", "--device", "cpu"]
@@ -49,13 +51,14 @@ def test_same_seed_gives_identical_recipe(model_dir, tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
+@pytest.mark.parametrize("option", ["--target-sparsity", "--min-retention"])
 @pytest.mark.parametrize("budget", ["0", "1", "1.5", "-0.2", "nan"])
-def test_budget_outside_unit_interval(model_dir, tmp_path, budget):
-    result = _calibrate(model_dir, "--target-sparsity", budget, "-o", str(tmp_path / "r.yaml"))
+def test_budget_outside_unit_interval(model_dir, tmp_path, option, budget):
+    result = _calibrate(model_dir, option, budget, "-o", str(tmp_path / "r.yaml"))
 
     assert result.exit_code == 2
-    assert "outside (0, 1)" in result.stderr
-    assert not (tmp_path / "r.yaml").exists()
+    assert f"error: {option} {float(budget)} is outside (0, 1); pass a fraction such as 0.35." in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_no_budget(model_dir, tmp_path):
@@ -69,8 +72,26 @@ def test_unreachable_sparsity_names_frontier(model_dir, tmp_path):
     result = _calibrate(model_dir, "--target-sparsity", "0.6", "--k-min", "3", "-o", str(tmp_path / "r.yaml"))
 
     assert result.exit_code == 2
-    assert "highest sparsity is 0.2500" in result.stderr
-    assert not (tmp_path / "r.yaml").exists()
+    assert (
+        "--target-sparsity 0.6 is unreachable: with --k-min 3 the highest sparsity is 0.2500; lower the target or "
+        "--k-min." in result.stderr
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_budget_pair_names_frontier(model_dir, tmp_path):
+    result = _calibrate(
+        model_dir, "--policy", "uniform", "--target-sparsity", "0.74", "--min-retention", "0.9999999",
+        "-o", str(tmp_path / "r.yaml"), "--report", str(tmp_path / "report.json"),
+    )  # fmt: skip
+
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2
+    assert len(error_lines) == 1
+    assert "budget unreachable: --target-sparsity 0.74 gives held-out nll retention " in error_lines[0]
+    assert "< --min-retention 0.9999999; the best reachable pair is sparsity " in error_lines[0]
+    assert "measured frontier (sparsity, retention): (" in error_lines[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_dataset(model_dir, tmp_path):
@@ -80,7 +101,33 @@ def test_empty_dataset(model_dir, tmp_path):
     result = _calibrate(model_dir, "--target-sparsity", "0.3", "--dataset", str(empty), "-o", str(tmp_path / "r.yaml"))
 
     assert result.exit_code == 2
-    assert "is empty" in result.stderr
+    assert f"error: dataset {empty} is empty; give it at least one non-empty sample." in result.stderr
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_dataset_folder_without_text_files(model_dir, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "--dataset", str(folder), "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert f"error: dataset folder {folder} has no .txt or .jsonl files." in result.stderr
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_missing_dataset(model_dir, tmp_path):
+    missing = tmp_path / "absent.txt"
+
+    result = _calibrate(
+        model_dir, "--target-sparsity", "0.3", "--dataset", str(missing), "-o", str(tmp_path / "r.yaml")
+    )
+
+    assert result.exit_code == 2
+    assert f"error: dataset {missing} not found; pass a .txt/.jsonl file, a folder, hf:NAME or builtin." in (
+        result.stderr
+    )
+    assert not (tmp_path / "r.yaml").exists()
 
 
 def test_unreadable_dataset(model_dir, tmp_path):
@@ -90,7 +137,9 @@ def test_unreadable_dataset(model_dir, tmp_path):
     result = _calibrate(model_dir, "--target-sparsity", "0.3", "--dataset", str(binary), "-o", str(tmp_path / "r.yaml"))
 
     assert result.exit_code == 2
-    assert "UTF-8" in result.stderr
+    assert f"error: cannot read dataset {binary}: " in result.stderr
+    assert "; check that it is UTF-8 text." in result.stderr
+    assert not (tmp_path / "r.yaml").exists()
 
 
 def test_dataset_with_too_few_tokens(model_dir, tmp_path):
@@ -100,7 +149,11 @@ def test_dataset_with_too_few_tokens(model_dir, tmp_path):
     result = _calibrate(model_dir, "--target-sparsity", "0.3", "--dataset", str(short), "-o", str(tmp_path / "r.yaml"))
 
     assert result.exit_code == 2
-    assert "fewer than two blocks" in result.stderr
+    assert (
+        f"error: dataset {short} has 6 tokens, fewer than two blocks of --seq-len 32; add data or lower --seq-len."
+        in result.stderr
+    )
+    assert not (tmp_path / "r.yaml").exists()
 
 
 def test_invalid_jsonl_line(model_dir, tmp_path):
@@ -120,7 +173,8 @@ def test_sequence_longer_than_model_limit(model_dir, tmp_path):
     )
 
     assert result.exit_code == 2
-    assert "above the model's limit" in result.stderr
+    assert "error: --seq-len 100000 is above the model's limit of 128 positions; lower it." in result.stderr
+    assert not (tmp_path / "r.yaml").exists()
 
 
 def test_model_without_tokenizer(tmp_path):
@@ -130,7 +184,11 @@ def test_model_without_tokenizer(tmp_path):
     result = _calibrate(str(source), "--target-sparsity", "0.3", "-o", str(tmp_path / "r.yaml"))
 
     assert result.exit_code == 2
-    assert "no usable tokenizer" in result.stderr
+    assert f"error: model {source} has no usable tokenizer (no tokenizer.json, tokenizer_config.json); save one " in (
+        result.stderr
+    )
+    assert "save one with the model." in result.stderr
+    assert not (tmp_path / "r.yaml").exists()
 
 
 def test_output_folder_missing(model_dir, tmp_path):
@@ -140,13 +198,15 @@ def test_output_folder_missing(model_dir, tmp_path):
     assert "does not exist" in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_unavailable_device(model_dir, tmp_path):
     result = runner.invoke(
         app, ["calibrate", model_dir, "--target-sparsity", "0.3", "--device", "cuda", "-o", str(tmp_path / "r.yaml")]
     )
 
     assert result.exit_code == 2
-    assert "--device cuda is not available" in result.stderr
+    assert "error: --device cuda is not available: no CUDA GPU found; use --device cpu or auto." in result.stderr
+    assert not (tmp_path / "r.yaml").exists()
 
 
 def test_sigint_leaves_no_partial_recipe(model_dir, tmp_path):
@@ -260,3 +320,68 @@ def test_shipped_presets_are_valid():
         data = yaml.safe_load(path.read_text())
         assert set(data["calibrate"]) <= set(PRESET_KEYS), path.name
         assert 0 < data["calibrate"]["target_sparsity"] < 1, path.name
+
+
+# --- faults while the recipe and the report are written ------------------------------------------------
+
+
+def _calibrate_into(model_dir, folder):
+    return _calibrate(
+        model_dir, "--policy", "uniform", "--target-sparsity", "0.3",
+        "-o", str(folder / "recipe.yaml"), "--report", str(folder / "report.json"),
+    )  # fmt: skip
+
+
+def _record_calibrate_writes(model_dir, folder, monkeypatch):
+    with monkeypatch.context() as patch:
+        disk = FaultyDisk(folder).install(patch)
+        result = _calibrate_into(model_dir, folder)
+    assert result.exit_code == 0, result.output
+    return disk.written
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["new-files", "previous-files"])
+def test_full_disk_keeps_previous_recipe_and_report(model_dir, tmp_path, monkeypatch, previous):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    written = _record_calibrate_writes(model_dir, folder, monkeypatch)
+    assert [name for name, _ in written] == ["recipe.yaml", "report.json"]
+    if previous:
+        (folder / "recipe.yaml").write_text("previous recipe\n")
+        (folder / "report.json").write_text("{}\n")
+    else:
+        for path in list(folder.iterdir()):
+            path.unlink()
+    before = {name: snapshot(folder / name) for name in sorted(path.name for path in folder.iterdir())}
+
+    for name, capacity in fault_points(written):
+        with monkeypatch.context() as patch:
+            disk = FaultyDisk(folder, capacity).install(patch)
+            result = _calibrate_into(model_dir, folder)
+
+        what = {"recipe.yaml": "recipe file", "report.json": "report"}[name]
+        assert disk.failed == [name]
+        assert result.exit_code == 3, (name, result.output)
+        assert (
+            f"error: cannot write {what} {folder / name}: no space left on device (the disk or the quota is full); "
+            "free space on that file system or choose another output path." in result.stderr
+        ), name
+        assert "Traceback" not in result.output, name
+        assert {path.name: snapshot(path) for path in sorted(folder.iterdir())} == before, name
+
+
+def test_interrupt_while_writing_leaves_no_partial_recipe(model_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    written = _record_calibrate_writes(model_dir, folder, monkeypatch)
+    for path in list(folder.iterdir()):
+        path.unlink()
+
+    for name, capacity in fault_points(written):
+        with monkeypatch.context() as patch:
+            FaultyDisk(folder, capacity, error=KeyboardInterrupt).install(patch)
+            result = _calibrate_into(model_dir, folder)
+
+        assert result.exit_code == 130, (name, result.output)
+        assert result.stderr.strip().endswith("interrupted"), name
+        assert leftovers(folder, set()) == [], name

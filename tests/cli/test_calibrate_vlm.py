@@ -246,3 +246,143 @@ def test_invalid_max_images(qwen_dir, tmp_path):
 
     assert result.exit_code == 2
     assert "--max-images 0 is invalid" in result.stderr
+
+
+# --- one bad sample of each kind: stop with its line number, or skip and count it ------------------------
+
+
+def _write_bad_sample_files(folder):
+    import numpy as np
+
+    Image.new("RGB", (96, 96), (20, 160, 20)).save(folder / "green.png")
+    (folder / "fake.jpg").write_bytes(b"\x00\x01 not a jpeg")
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png")
+    whole = (folder / "noise.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+
+
+BAD_SAMPLES = {
+    "missing image": (
+        {"image": "missing.png", "text": "What is this?", "answer": "Nothing."},
+        "image {folder}/missing.png not found",
+    ),
+    "unreadable image": (
+        {"image": "truncated.png", "text": "What is this?", "answer": "Noise."},
+        "cannot read image {folder}/truncated.png: image file is truncated",
+    ),
+    "unsupported image format": (
+        {"image": "fake.jpg", "text": "What is this?", "answer": "Nothing."},
+        "image {folder}/fake.jpg is not in a format Pillow can read (suffix '.jpg')",
+    ),
+    "too many images": (
+        {"image": ["green.png", "skimage:coins"], "text": "Compare them.", "answer": "Green and coins."},
+        "the sample has 2 images, more than the limit of 1",
+    ),
+}  # fmt: skip
+GOOD_SAMPLES = [
+    {"image": "skimage:coffee", "text": "What is on the table?", "answer": "A cup of coffee."},
+    {"image": "green.png", "text": "What colour is this?", "answer": "Green."},
+    {"image": "skimage:rocket", "text": "What stands on the pad?", "answer": "A rocket."},
+    {"image": "skimage:chelsea", "text": "Which animal is this?", "answer": "A cat."},
+]
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_SAMPLES))
+def test_bad_sample_stops_with_line_number(qwen_dir, tmp_path, kind):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_bad_sample_files(data)
+    record, message = BAD_SAMPLES[kind]
+    dataset = _jsonl(data / "photos.jsonl", [*GOOD_SAMPLES[:2], record])
+
+    result, recipe_file, report_file = _calibrate(
+        qwen_dir, tmp_path, "--dataset", str(dataset), "--num-samples", "3", "--max-images", "1"
+    )
+
+    assert result.exit_code == 2, result.output
+    expected = message.format(folder=data)
+    assert (
+        f"error: {dataset} line 3: {expected}; fix the sample, or pass --skip-bad-samples to leave it out."
+        in result.stderr
+    )
+    assert not recipe_file.exists()
+    assert not report_file.exists()
+
+
+def test_bad_samples_skipped_and_counted(qwen_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_bad_sample_files(data)
+    bad = [BAD_SAMPLES[kind][0] for kind in sorted(BAD_SAMPLES)]
+    dataset = _jsonl(data / "photos.jsonl", [*GOOD_SAMPLES, *bad])
+
+    result, recipe_file, report_file = _calibrate(
+        qwen_dir, tmp_path, "--dataset", str(dataset), "--num-samples", "8", "--max-images", "1",
+        "--skip-bad-samples",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert "skipped 4 bad samples" in result.stderr
+    bad_samples = json.loads(report_file.read_text())["data"]["bad_samples"]
+    assert bad_samples["by_kind"] == {kind: 1 for kind in BAD_SAMPLES}
+    assert bad_samples["skipped"] == 4
+    assert sorted(message.split(": ", 1)[0] for message in bad_samples["first"]) == [
+        f"{dataset} line {number}" for number in range(5, 9)
+    ]
+    assert load_recipe(recipe_file).calibration["data"]["skipped_samples"] == 4
+
+
+def test_too_few_good_samples_after_skipping(qwen_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_bad_sample_files(data)
+    records = [GOOD_SAMPLES[0], *(BAD_SAMPLES[kind][0] for kind in sorted(BAD_SAMPLES))]
+    dataset = _jsonl(data / "photos.jsonl", records)
+
+    result, recipe_file, _ = _calibrate(
+        qwen_dir, tmp_path, "--dataset", str(dataset), "--max-images", "1", "--skip-bad-samples"
+    )
+
+    assert result.exit_code == 2, result.output
+    assert (
+        f"error: dataset {dataset} has 1 usable image+text samples (4 skipped); calibration needs at least 2, "
+        "one to fit and one held out." in result.stderr
+    )
+    assert not recipe_file.exists()
+
+
+def test_image_samples_skipped_for_text_model(text_model_dir, tmp_path):
+    records = [{"text": f"Routers send token {number} to a few experts." * 20} for number in range(6)]
+    records.insert(2, {"image": "skimage:coffee", "text": "What is this?"})
+    dataset = _jsonl(tmp_path / "mixed.jsonl", records)
+
+    result, recipe_file, report_file = _calibrate(
+        text_model_dir, tmp_path, "--dataset", str(dataset), "--seq-len", "16", "--num-samples", "8",
+        "--skip-bad-samples",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    bad_samples = json.loads(report_file.read_text())["data"]["bad_samples"]
+    assert bad_samples["by_kind"] == {"image for a text-only model": 1}
+    assert bad_samples["first"] == [
+        f"{dataset} line 3: the sample has an image, but the model is text-only (no vision tower)"
+    ]
+    assert recipe_file.exists()
+
+
+def test_only_image_samples_for_text_model(text_model_dir, tmp_path):
+    dataset = _jsonl(tmp_path / "photos.jsonl", [{"image": "skimage:coffee", "text": "What is this?"}])
+
+    result, recipe_file, _ = _calibrate(
+        text_model_dir, tmp_path, "--dataset", str(dataset), "--seq-len", "32", "--skip-bad-samples"
+    )
+
+    assert result.exit_code == 2, result.output
+    assert f"error: dataset {dataset} has no text-only samples for this text-only model (1 samples " in result.stderr
+    assert not recipe_file.exists()

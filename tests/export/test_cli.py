@@ -15,6 +15,7 @@ from gemoe_cli.export import ops
 from gemoe_cli.recipe import LayerRecipe, Recipe, RoutingSettings, save_recipe, static_recipe
 from tests import tiny_models
 from tests.export.conftest import quantile_routing
+from tests.write_faults import FaultyDisk, leftovers, snapshot
 
 runner = CliRunner()
 
@@ -122,7 +123,11 @@ def test_missing_recipe_file_rejected(olmoe, tmp_path):
     )
 
     assert result.exit_code == 2
-    assert "none.yaml" in result.stderr
+    assert (
+        f"recipe file {tmp_path / 'none.yaml'} not found; check the path, or write a recipe with `gemoe calibrate`."
+        in result.stderr
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_rejected(olmoe, tmp_path):
@@ -132,7 +137,8 @@ def test_existing_output_rejected(olmoe, tmp_path):
     result = runner.invoke(app, ["export", "onnx", olmoe["converted"], "-o", str(output)])
 
     assert result.exit_code == 2
-    assert "already exists" in result.stderr
+    assert f"{output} already exists; choose another path or pass --force to replace it." in result.stderr
+    assert list(output.iterdir()) == []
 
 
 def test_unwritable_output_rejected(olmoe, tmp_path):
@@ -141,7 +147,8 @@ def test_unwritable_output_rejected(olmoe, tmp_path):
     result = runner.invoke(app, ["export", "onnx", olmoe["converted"], "-o", str(output)])
 
     assert result.exit_code == 2
-    assert "does not exist" in result.stderr
+    assert f"folder {tmp_path / 'missing-folder'} does not exist; create it first." in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_format_rejected(olmoe, tmp_path):
@@ -173,3 +180,49 @@ def test_unsupported_family_for_ort_body(tmp_path):
     assert result.exit_code == 2
     assert "--body ort needs SwiGLU experts" in result.stderr
     assert not output.exists()
+
+
+@pytest.mark.parametrize("model_type", ["phimoe", "switch_transformers"])
+def test_unsupported_family_rejected(olmoe, tmp_path, model_type):
+    tiny_models.build(model_type).save_pretrained(tmp_path / model_type)
+    output = tmp_path / "onnx"
+
+    result = runner.invoke(
+        app, ["export", "onnx", str(tmp_path / model_type), "--recipe", str(olmoe["recipe"]), "-o", str(output)]
+    )
+
+    assert result.exit_code == 2
+    assert f"error: model type '{model_type}' is not supported: " in result.stderr
+    assert "use a model of a supported family (`gemoe inspect --list-families` lists them)." in result.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / model_type]
+
+
+# --- faults while the ONNX directory is written ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "occurrence"),
+    [("model.onnx", 1), ("tokenizer_config.json", 1), ("gemoe_onnx.json", 2)],
+    ids=["model", "tokenizer", "metadata-after-validation"],
+)
+def test_full_disk_keeps_previous_export(olmoe, tmp_path, monkeypatch, name, occurrence):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    output = folder / "onnx"
+    output.mkdir()
+    (output / "model.onnx").write_bytes(b"previous model")
+    (output / "gemoe_onnx.json").write_text('{"previous": true}')
+    before = snapshot(output)
+    # The disk fills 200 bytes into the file; gemoe_onnx.json is written again with the validation results.
+    faulty = FaultyDisk(folder, 200, file=name, occurrence=occurrence).install(monkeypatch)
+
+    result = runner.invoke(app, ["export", "onnx", olmoe["converted"], "-o", str(output), "--force"])
+
+    assert faulty.failed == [name]
+    assert result.exit_code == 3, result.output
+    assert (
+        f"error: cannot write output directory {output}: no space left on device (the disk or the quota is "
+        "full); free space on that file system or choose another output path." in result.stderr
+    )
+    assert snapshot(output) == before
+    assert leftovers(folder, {"onnx"}) == []

@@ -193,7 +193,9 @@ def save_processor_files(processor, directory) -> None:
 def load_processor(source: str, config, trust_remote_code: bool = False):
     """Load the processor saved with a vision-language model.
 
-    Without torchvision, processors that require a video processor are assembled for images only.
+    Without torchvision, processors that require a video processor are assembled for images only. With it,
+    a processor whose video part fails to load (a checkpoint saved without a video processor, whose image
+    settings the video processor rejects) is assembled for images only as well.
 
     Raises:
         InvalidInputError: the model has no processor files, or its image processor needs a missing package.
@@ -203,10 +205,19 @@ def load_processor(source: str, config, trust_remote_code: bool = False):
     try:
         return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (ImportError, AttributeError, OSError, ValueError, TypeError) as error:
-        if _torchvision_available():
-            raise InvalidInputError(f"cannot load the processor of {source}: {_first_line(error)}") from error
-        logger.info("processor of %s needs torchvision for videos; loading it for images only", source)
-    return _load_image_only_processor(source, config, trust_remote_code)
+        if not _torchvision_available():
+            logger.info("processor of %s needs torchvision for videos; loading it for images only", source)
+            return _load_image_only_processor(source, config, trust_remote_code)
+        full_error = error
+
+    try:
+        processor = _load_image_only_processor(source, config, trust_remote_code)
+    except InvalidInputError:
+        raise InvalidInputError(f"cannot load the processor of {source}: {_first_line(full_error)}") from full_error
+    logger.info(
+        "processor of %s failed to load in full (%s); loading it for images only", source, _first_line(full_error)
+    )
+    return processor
 
 
 def _load_image_only_processor(source: str, config, trust_remote_code: bool):

@@ -111,7 +111,9 @@ def image_inputs(model_type: str, photo: str = "rocket") -> dict[str, torch.Tens
     """Return the processor's inputs for one question about one built-in photograph."""
     processor = tiny_vlms.processor(model_type)
     text = processor.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
-    return dict(processor(text=[text], images=[tiny_vlms.photo(photo)], return_tensors="pt"))
+    inputs = processor(text=[text], images=[tiny_vlms.photo(photo)], return_tensors="pt")
+    # Llama 4's image processor returns bfloat16 pixel values; the tiny models are float32, as gemoe casts them.
+    return {name: value.float() if value.is_floating_point() else value for name, value in inputs.items()}
 
 
 def in_memory_logits(trip: RoundTrip, inputs) -> tuple[torch.Tensor, dict[str, float]]:

@@ -107,9 +107,11 @@ class {class_name}(_BaseModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         _share_checkpoint_renamings(cls.config_class.model_type)
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        # With output_loading_info=True, transformers returns (model, loading info).
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.gemoe_routing = attach_from_config(model)
-        return model
+        return loaded
 '''
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from gemoe_cli.api import apply_recipe, model_identity
@@ -141,6 +142,17 @@ def test_converted_directory_contents(tmp_path):
     assert set(section["thresholds"]) == set(recipe.layers)
     assert "trust_remote_code=True" in (output / "README.md").read_text()
     assert "import gemoe_cli" not in (output / "modeling_gemoe.py").read_text()
+
+
+def test_remote_code_returns_loading_info(tmp_path):
+    model = tiny_models.build("olmoe")
+    model.save_pretrained(tmp_path / "source")
+    output = convert(str(tmp_path / "source"), _quantile_recipe(model, str(tmp_path / "source")), tmp_path / "out")
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True, output_loading_info=True)
+
+    assert set(loaded.gemoe_routing.layers) == {block.path for block in find_moe_blocks(loaded)}
+    assert not info["missing_keys"]
 
 
 def test_infinite_thresholds_survive_config_json(tmp_path):

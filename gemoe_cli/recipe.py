@@ -205,15 +205,17 @@ class Recipe(_RecipeSection):
 
 logger = logging.getLogger(__name__)
 
-_FINGERPRINT_TAG = b"gemoe-router-fingerprint-v1\0"
+_FINGERPRINT_TAG = b"gemoe-router-fingerprint-v2\0"
 
 
 def router_fingerprint(named_weights: Iterable[tuple[str, torch.Tensor]]) -> str:
     """Hash router weights into the lowercase hex sha256 stored in `ModelIdentity.router_fingerprint`.
 
     Each (name, tensor) pair is hashed in the given order as: the UTF-8 name with its byte length, the
-    number of dimensions and each dimension as little-endian int64, then the values converted to
-    contiguous little-endian float32. Any dtype and device hash the same as their float32 values.
+    number of dimensions and each dimension as little-endian int64, then the values rounded to bfloat16 and
+    written as contiguous little-endian float32. The rounding makes the fingerprint independent of the dtype
+    a checkpoint is loaded in: a float32 checkpoint loaded as float32 or bfloat16 hashes the same. Loaded as
+    float16 it does not, because rounding to float16 first moves some values to the other bfloat16 neighbour.
     """
     import torch
 
@@ -224,7 +226,7 @@ def router_fingerprint(named_weights: Iterable[tuple[str, torch.Tensor]]) -> str
                 f"router weight {name!r} is on the meta device and has no values; load the weights before "
                 f"computing the fingerprint."
             )
-        values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        values = tensor.detach().to(device="cpu", dtype=torch.bfloat16).to(torch.float32).contiguous()
         name_bytes = name.encode("utf-8")
         digest.update(struct.pack("<Q", len(name_bytes)))
         digest.update(name_bytes)
@@ -280,7 +282,8 @@ def check_recipe_matches(
         )
         if not ignore_fingerprint:
             raise RecipeMismatchError(
-                f"{mismatch}; calibrate a recipe for these weights, or pass --ignore-fingerprint to use it anyway."
+                f"{mismatch}; calibrate a recipe for these weights, or pass --ignore-fingerprint to use it anyway. "
+                "A float32 checkpoint loaded with --dtype float16 also changes it; load it as float32 or bfloat16."
             )
         warnings.append(f"{mismatch}; using it anyway because the fingerprint check is off.")
 

@@ -485,7 +485,7 @@ def test_fingerprint_changes_with_one_value() -> None:
     weights = router_weights()
     before = router_fingerprint(weights)
 
-    weights[1][1][3, 5] += 1e-3
+    weights[1][1][3, 5] += 0.05  # above bfloat16 precision, which the fingerprint hashes at
 
     assert router_fingerprint(weights) != before
 
@@ -512,8 +512,24 @@ def test_fingerprint_ignores_dtype_and_layout() -> None:
     assert router_fingerprint([("w", transposed_back)]) == router_fingerprint([("w", as_float)])
 
 
+def test_fingerprint_same_for_float32_and_bfloat16_loads() -> None:
+    weight = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))  # float32, not bfloat16-exact
+
+    assert router_fingerprint([("w", weight)]) == router_fingerprint([("w", weight.to(torch.bfloat16))])
+
+
+def test_model_identity_same_in_bfloat16() -> None:
+    from gemoe_cli.api import model_identity
+    from tests import tiny_models
+
+    model = tiny_models.build("mixtral")
+    float32 = model_identity(model)
+
+    assert model_identity(model.to(torch.bfloat16)) == float32
+
+
 def test_fingerprint_encoding() -> None:
-    expected = hashlib.sha256(b"gemoe-router-fingerprint-v1\0")
+    expected = hashlib.sha256(b"gemoe-router-fingerprint-v2\0")
     expected.update(struct.pack("<Q", 1) + b"w")
     expected.update(struct.pack("<Q", 2) + struct.pack("<2q", 1, 2))
     expected.update(struct.pack("<2f", 1.0, -2.5))

@@ -15,7 +15,7 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +140,59 @@ def _write_temporary(temporary: Path, path: Path, file: OutputFile) -> None:
         raise write_error(error, file.what, path) from error
 
 
+def check_output_directory(
+    path: Path, *, force: bool = False, inputs: Mapping[str, Path] | None = None, what: str = "output directory"
+) -> None:
+    """Raise `InvalidInputError` when `atomic_directory(path, force=force)` would fail or would delete an input.
+
+    Call it before any expensive work. `inputs` maps a description ("model folder") to a path that the command
+    reads; a local input that is `path` itself or lies inside it is rejected, with or without `force`, because
+    replacing `path` would delete it. Inputs that do not exist locally (hub ids) are skipped. The parent folder
+    is probed by creating and removing an empty directory, so a path that cannot be created (``/proc/x``) fails
+    here and not after the model has loaded.
+
+    Raises:
+        InvalidInputError: the output would delete an input, exists without `force`, or cannot be written.
+    """
+    path = Path(path)
+    resolved_output = path.resolve()
+    for description, input_path in (inputs or {}).items():
+        if not Path(input_path).exists():
+            continue
+        resolved_input = Path(input_path).resolve()
+        if resolved_input == resolved_output:
+            raise InvalidInputError(
+                f"{what} {path} is the {description} {input_path}; choose an output directory outside it."
+            )
+        if resolved_output in resolved_input.parents:
+            raise InvalidInputError(
+                f"{what} {path} contains the {description} {input_path}, which replacing it would delete; choose an "
+                "output directory that does not contain it."
+            )
+    _check_directory_path(path, force, what)
+
+    probe = path.parent / f".{path.name}.{secrets.token_hex(4)}.probe"
+    try:
+        probe.mkdir()
+    except OSError as error:
+        raise write_error(error, what, path) from error
+    probe.rmdir()
+
+
+def _check_directory_path(path: Path, force: bool, what: str) -> None:
+    if path.exists() and not force:
+        raise InvalidInputError(f"{what} {path} already exists; choose another path or pass --force to replace it.")
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"{what} {path} is a file, not a directory; choose another path.")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise InvalidInputError(f"cannot write {what} {path}: {parent} is a file, not a folder; choose another path.")
+    if not parent.is_dir():
+        raise InvalidInputError(f"cannot write {what} {path}: folder {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"cannot write {what} {path}: folder {parent} is not writable; choose another path.")
+
+
 @contextmanager
 def atomic_directory(path: Path, *, force: bool = False, what: str = "output directory") -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it replaces `path`.
@@ -153,19 +206,9 @@ def atomic_directory(path: Path, *, force: bool = False, what: str = "output dir
         DiskFullError: the file system is full.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise InvalidInputError(f"{what} {path} already exists; choose another path or pass --force to replace it.")
-    if path.exists() and not path.is_dir():
-        raise InvalidInputError(f"{what} {path} is a file, not a directory; choose another path.")
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise InvalidInputError(f"cannot write {what} {path}: {parent} is a file, not a folder; choose another path.")
-    if not parent.is_dir():
-        raise InvalidInputError(f"cannot write {what} {path}: folder {parent} does not exist; create it first.")
-    if not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"cannot write {what} {path}: folder {parent} is not writable; choose another path.")
+    _check_directory_path(path, force, what)
 
-    temporary = parent / f".{path.name}.{secrets.token_hex(4)}.partial"
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.partial"
     try:
         temporary.mkdir()
     except OSError as error:

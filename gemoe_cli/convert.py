@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from gemoe_cli import __version__
-from gemoe_cli.atomic import atomic_directory
+from gemoe_cli.atomic import atomic_directory, check_output_directory
 from gemoe_cli.errors import InvalidInputError
 from gemoe_cli.recipe import Recipe, encode_threshold
 
@@ -119,6 +119,27 @@ lm_eval --model hf --model_args pretrained=path/to/this/directory,trust_remote_c
 """
 
 
+def _save_tokenizer(source: str, directory: Path, trust_remote_code: bool) -> bool:
+    from transformers import AutoTokenizer
+
+    from gemoe_cli.models import has_tokenizer_files
+
+    if not has_tokenizer_files(source):
+        logger.warning("no tokenizer saved: %s has no tokenizer files, so the checkpoint has no tokenizer", source)
+        return False
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        logger.warning("no tokenizer saved: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return False
+    try:
+        tokenizer.save_pretrained(directory)
+    except (ValueError, TypeError, KeyError) as error:
+        logger.warning("no tokenizer saved: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return False
+    return True
+
+
 def _save_preprocessors(source: str, directory: Path, trust_remote_code: bool) -> list[str]:
     """Copy the tokenizer and, for multimodal models, the processor; return what was saved.
 
@@ -127,23 +148,13 @@ def _save_preprocessors(source: str, directory: Path, trust_remote_code: bool) -
     """
     import shutil
 
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
 
     from gemoe_cli.vlm import CHAT_TEMPLATE_FILE, PROCESSOR_FILES
 
     # An OSError from loading means the source has no such files. From saving it means the output is broken
     # (a full disk), so it is not caught there and the conversion stops.
-    saved = []
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        logger.warning("no tokenizer saved: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
-    else:
-        try:
-            tokenizer.save_pretrained(directory)
-            saved.append("tokenizer")
-        except (ValueError, TypeError, KeyError) as error:
-            logger.warning("no tokenizer saved: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+    saved = ["tokenizer"] if _save_tokenizer(source, directory, trust_remote_code) else []
     try:
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError):
@@ -181,8 +192,8 @@ def convert(
     """Write an adaptive checkpoint of `source` for `recipe` to `output`, atomically.
 
     Raises:
-        InvalidInputError: `output` exists without `force`, its folder is not writable, or the weights are
-            missing.
+        InvalidInputError: `output` is or contains the source folder, exists without `force`, or cannot be
+            created, or the weights are missing or corrupt.
         RecipeMismatchError: the recipe describes another model.
     """
     from gemoe_cli.api import apply_recipe
@@ -192,8 +203,7 @@ def convert(
     from gemoe_cli.vlm import auto_class_name
 
     output = Path(output)
-    if output.exists() and not force:
-        raise InvalidInputError(f"output directory {output} already exists; choose another path or pass --force.")
+    check_output_directory(output, force=force, inputs={"model folder": Path(source)})
 
     model = load_model(
         source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle

@@ -68,7 +68,10 @@ def describe_model(model, source: str = "") -> ModelDescription:
     ]
     smallest_k = min(layer.top_k for layer in layers)
     if smallest_k < 2:
-        reason = f"its routers select top-{smallest_k}, so there is no k to adapt; adaptive routing needs K >= 2"
+        reason = (
+            f"model type '{model_type}' ({source}) routes each token to its top-{smallest_k} expert, so there is "
+            "no k to adapt; adaptive routing needs a model with top-k of 2 or more"
+        )
         return ModelDescription(source, model_type, adapter.name, False, reason, adapter.note, layers)
     return ModelDescription(source, model_type, adapter.name, True, "supported", adapter.note, layers)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from gemoe_cli.errors import InvalidInputError, UnsupportedModelError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+# String values of from_pretrained's device_map that name a placement strategy instead of a device.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModel")
 
 
@@ -97,6 +99,8 @@ def load_model(
                 "--allow-pickle if you trust the files."
             )
         raise InvalidInputError(f"{source} has no *.safetensors weights; check the directory.")
+    from safetensors import SafetensorError
+
     try:
         model = auto_class.from_pretrained(
             source,
@@ -107,18 +111,51 @@ def load_model(
         )
     except OSError as error:
         raise InvalidInputError(f"cannot load the weights of {source}: {str(error).splitlines()[0]}") from error
+    except SafetensorError as error:
+        if not path.is_dir():
+            raise
+        raise InvalidInputError(_corrupt_weights_message(path, error)) from error
     return model.eval()
 
 
-def check_device_map(device_map: str) -> None:
-    """Raise `InvalidInputError` when `device_map` names a device this machine lacks, or accelerate is missing.
+def _corrupt_weights_message(folder: Path, error: Exception) -> str:
+    """Return the message for weights that safetensors cannot read, naming the first file whose header fails."""
+    from safetensors import SafetensorError, safe_open
 
-    transformers places weights by `device_map` through the accelerate package.
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    broken = str(folder)
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            broken = str(file)
+            break
+    # NOTE: when every header reads, the damage is in the tensor data and the message names the folder.
+    return (
+        f"cannot read the weights {broken}: {reason}; the file is truncated or corrupt, so download or save "
+        "the checkpoint again."
+    )
+
+
+def check_device_map(device_map: str) -> None:
+    """Raise `InvalidInputError` for an unknown `device_map`, a device this machine lacks, or missing accelerate.
+
+    transformers 5.23 accepts a placement strategy (`DEVICE_MAP_STRATEGIES`), a torch device string or a GPU
+    number, and places the weights through the accelerate package.
     """
     import importlib.util
 
     import torch
 
+    if device_map not in DEVICE_MAP_STRATEGIES and not device_map.isdigit():
+        try:
+            torch.device(device_map)
+        except RuntimeError:
+            raise InvalidInputError(
+                f"--device-map {device_map} is unknown; use {', '.join(DEVICE_MAP_STRATEGIES)}, or a device such as "
+                "cpu, cuda, cuda:N or mps."
+            ) from None
     if (device_map.startswith("cuda") or device_map.isdigit()) and not torch.cuda.is_available():
         raise InvalidInputError(
             f"--device-map {device_map} is not available: no CUDA GPU found; use --device-map cpu or leave it out."
@@ -161,13 +198,21 @@ def resolve_device(name: str) -> str:
     raise InvalidInputError(f"--device {name} is unknown; use auto, cpu, cuda, cuda:N or mps.")
 
 
+def has_tokenizer_files(source: str) -> bool:
+    """Return whether `source` can have a tokenizer: a hub id, or a local folder with tokenizer files.
+
+    transformers 5 builds a placeholder tokenizer from the config when a folder has no tokenizer files, so
+    `AutoTokenizer.from_pretrained` succeeding does not prove that the model has a tokenizer.
+    """
+    path = Path(source)
+    return not path.is_dir() or any((path / name).exists() for name in _TOKENIZER_FILES)
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     """Load the tokenizer saved with a model, raising `InvalidInputError` when the model has none."""
     from transformers import AutoTokenizer
 
-    # transformers 5 builds an empty tokenizer from the config when a folder has no tokenizer files.
-    path = Path(source)
-    if path.is_dir() and not any((path / name).exists() for name in _TOKENIZER_FILES):
+    if not has_tokenizer_files(source):
         raise InvalidInputError(
             f"model {source} has no usable tokenizer (no {', '.join(_TOKENIZER_FILES[:2])}); save one with the model."
         )

@@ -313,3 +313,51 @@ def test_write_error_without_errno():
 
     assert isinstance(error, RuntimeFailureError)
     assert str(error) == "cannot write plot plot.png: device vanished; check the device, then run the command again."
+
+
+# --- checking an output directory before the work -----------------------------------------------------
+
+
+def test_output_check_rejects_the_input_itself(tmp_path):
+    source = tmp_path / "model"
+    source.mkdir()
+
+    with pytest.raises(InvalidInputError) as raised:
+        atomic.check_output_directory(source, force=True, inputs={"model folder": source})
+
+    assert str(raised.value) == (
+        f"output directory {source} is the model folder {source}; choose an output directory outside it."
+    )
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("spelling", ["parent", "dot-dot"])
+def test_output_check_rejects_a_folder_containing_an_input(tmp_path, force, spelling):
+    source = tmp_path / "model"
+    source.mkdir()
+    output = tmp_path if spelling == "parent" else source / ".."
+
+    with pytest.raises(InvalidInputError) as raised:
+        atomic.check_output_directory(output, force=force, inputs={"recipe file": source})
+
+    message = str(raised.value)
+    assert message.startswith(f"output directory {output} contains the recipe file {source}")
+    assert message.endswith("choose an output directory that does not contain it.")
+
+
+def test_output_check_accepts_a_sibling_and_skips_hub_ids(tmp_path):
+    source = tmp_path / "model"
+    source.mkdir()
+
+    atomic.check_output_directory(
+        tmp_path / "out", inputs={"model folder": source, "hub model": Path("org/name-that-is-no-folder")}
+    )
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs the Linux /proc file system")
+def test_output_check_rejects_uncreatable_path():
+    expected = r"^cannot write output directory /proc/gemoe-out: .*; choose a writable path\.$"
+    with pytest.raises(InvalidInputError, match=expected):
+        atomic.check_output_directory(Path("/proc/gemoe-out"))

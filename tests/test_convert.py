@@ -427,7 +427,8 @@ def test_cli_existing_output_rejected(cli_source, tmp_path):
     result = _convert_cli(source, recipe_file, tmp_path / "out")
 
     assert result.exit_code == 2, result.output
-    assert f"output directory {tmp_path / 'out'} already exists; choose another path or pass --force." in result.stderr
+    expected = f"output directory {tmp_path / 'out'} already exists; choose another path or pass --force to replace it."
+    assert expected in result.stderr
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
@@ -563,3 +564,61 @@ def test_cli_interrupt_in_each_file_leaves_nothing(cli_source, tmp_path, monkeyp
         assert result.exit_code == 130, (name, result.output)
         assert result.stderr.strip().endswith("interrupted"), name
         assert leftovers(outputs, set()) == [], name
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_cli_output_over_source_rejected(cli_source, tmp_path, force):
+    source, recipe_file, _ = cli_source
+    before = snapshot(Path(source))
+
+    for output in (Path(source), Path(source).parent, Path(source) / ".."):
+        result = _convert_cli(source, recipe_file, output, *force)
+
+        assert result.exit_code == 2, result.output
+        assert f"output directory {output} " in result.stderr
+        assert f"the model folder {source}" in result.stderr
+        assert "choose an output directory" in result.stderr
+    assert snapshot(Path(source)) == before
+
+
+def test_cli_source_without_tokenizer_warns(tmp_path):
+    model = tiny_models.build("qwen3_moe")
+    model.save_pretrained(tmp_path / "source")
+    recipe_file = tmp_path / "recipe.yaml"
+    save_recipe(static_recipe(model_identity(model), [block.path for block in find_moe_blocks(model)]), recipe_file)
+
+    result = _convert_cli(tmp_path / "source", recipe_file, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    assert "has no tokenizer files, so the checkpoint has no tokenizer" in " ".join(result.stderr.split())
+    written = {path.name for path in (tmp_path / "out").iterdir()}
+    assert not written & {"tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"}
+    bench = CliRunner().invoke(app, ["bench", str(tmp_path / "out"), "--prompt-len", "16", "--gen-len", "4"])
+    assert bench.exit_code == 2, bench.output
+    assert "has no usable tokenizer" in bench.stderr
+
+
+def test_cli_unknown_device_map_rejected(cli_source, tmp_path):
+    source, recipe_file, _ = cli_source
+
+    result = _convert_cli(source, recipe_file, tmp_path / "out", "--device-map", "foo")
+
+    assert result.exit_code == 2, result.output
+    assert "--device-map foo is unknown; use auto, balanced, balanced_low_0, sequential, or a device" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_truncated_weights_rejected(cli_source, tmp_path):
+    import shutil
+
+    source, recipe_file, _ = cli_source
+    damaged = Path(shutil.copytree(source, tmp_path / "damaged"))
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    result = _convert_cli(damaged, recipe_file, tmp_path / "out")
+
+    assert result.exit_code == 2, result.output
+    assert f"cannot read the weights {weights}: " in result.stderr
+    assert "download or save the checkpoint again." in result.stderr
+    assert not (tmp_path / "out").exists()

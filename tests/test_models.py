@@ -35,3 +35,34 @@ def test_pickle_weights_rejected_without_flag(tmp_path):
 def test_unknown_device_rejected():
     with pytest.raises(InvalidInputError, match="--device tpu9 is unknown"):
         models.resolve_device("tpu9")
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    tiny_models.build("mixtral").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    with pytest.raises(InvalidInputError) as raised:
+        models.load_model(str(tmp_path))
+
+    message = str(raised.value)
+    assert message.startswith(f"cannot read the weights {weights}: ")
+    assert message.endswith("the file is truncated or corrupt, so download or save the checkpoint again.")
+
+
+@pytest.mark.parametrize("value", ["foo", "cuda:x", "disk"])
+def test_unknown_device_map_rejected(value):
+    with pytest.raises(InvalidInputError, match=rf"^--device-map {value} is unknown; use auto, balanced, "):
+        models.check_device_map(value)
+
+
+def test_tokenizer_files_detected(tmp_path):
+    tiny_models.build("mixtral").save_pretrained(tmp_path)
+
+    assert not models.has_tokenizer_files(str(tmp_path))
+    with pytest.raises(InvalidInputError, match="has no usable tokenizer"):
+        models.load_tokenizer(str(tmp_path))
+
+    tiny_models.tiny_tokenizer().save_pretrained(tmp_path)
+    assert models.has_tokenizer_files(str(tmp_path))
+    assert models.has_tokenizer_files("org/hub-model")

@@ -34,6 +34,12 @@ def recipe_from_checkpoint(path: Path, description):
     from gemoe_cli.convert import read_gemoe_section
     from gemoe_cli.recipe import Recipe
 
+    keys = _read_config_keys(path / "config.json")
+    if keys is not None and "gemoe" not in keys:
+        raise InvalidInputError(
+            f"no --recipe given and {path} is not converted (its config.json has no gemoe section); pass "
+            "--recipe FILE from gemoe calibrate, or convert the model first with gemoe convert."
+        )
     section = read_gemoe_section(path)
     fingerprint = section.get("router_fingerprint")
     if not isinstance(fingerprint, str):
@@ -74,6 +80,17 @@ def recipe_from_checkpoint(path: Path, description):
         ) from None
     except InvalidInputError as error:
         raise InvalidInputError(f"{path}/config.json: the gemoe section is invalid: {error}") from None
+
+
+def _read_config_keys(config_file: Path) -> set[str] | None:
+    """Return the top-level keys of a config.json, or None when it is unreadable (`read_gemoe_section` reports that)."""
+    import json
+
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return set(data) if isinstance(data, dict) else None
 
 
 def resolve_recipe(source: str, recipe_path: Path | None, description):

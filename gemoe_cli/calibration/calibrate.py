@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 import torch
 
 from gemoe_cli.calibration.data import CalibrationData
-from gemoe_cli.calibration.fitting import Fit, fit_allocated, fit_layer_offsets, fit_uniform_quantile, max_sparsity
+from gemoe_cli.calibration.fitting import (
+    Fit,
+    fit_allocated,
+    fit_layer_offsets,
+    fit_uniform_quantile,
+    max_sparsity,
+    min_sparsity,
+)
 from gemoe_cli.calibration.retention import Evaluation, Metric, evaluate, mean_nll, model_forward
 from gemoe_cli.calibration.statistics import (
     CalibrationStatistics,
@@ -340,6 +347,12 @@ def calibrate(
             f"--target-sparsity {target_sparsity} is unreachable: with --k-min {k_min} the highest sparsity is "
             f"{ceiling:.4f}; lower the target or --k-min."
         )
+    floor = min_sparsity(static_statistics, k_max)
+    if target_sparsity is not None and target_sparsity < floor:
+        raise InvalidInputError(
+            f"--target-sparsity {target_sparsity} is unreachable: with --k-max {k_max} the lowest sparsity is "
+            f"{floor:.4f}; raise --k-max or the target."
+        )
 
     probe = target_sparsity if target_sparsity is not None else 0.3
     costs = None
@@ -371,7 +384,7 @@ def calibrate(
         fit, drifted, measured, rounds, heldout = run(target)
         search.append(_search_point(target, heldout, metric))
         if min_retention is not None and heldout.retention(metric) < min_retention:
-            best = _best_under_retention(run, min_retention, metric, ceiling, search)
+            best = _best_under_retention(run, min_retention, metric, floor, ceiling, search)
             frontier = _frontier(search)
             raise InvalidInputError(
                 f"budget unreachable: --target-sparsity {target_sparsity} gives held-out {metric} retention "
@@ -379,7 +392,9 @@ def calibrate(
                 f"{best}; measured frontier (sparsity, retention): {frontier}."
             )
     else:
-        target, fit, drifted, measured, rounds, heldout = _search_retention(run, min_retention, metric, ceiling, search)
+        target, fit, drifted, measured, rounds, heldout = _search_retention(
+            run, min_retention, metric, floor, ceiling, search
+        )
 
     shared, by_modality = _split_thresholds(routing, fit.thresholds)
     return CalibrationResult(
@@ -420,13 +435,18 @@ def _search_point(target: float, heldout: Evaluation, metric: Metric) -> dict:
 
 
 def _frontier(search: list[dict]) -> str:
+    """Format the measured (sparsity, retention) points in order of sparsity, each shown once."""
     points = sorted(search, key=lambda point: point["sparsity"])
-    return ", ".join(f"({point['sparsity']:.3f}, {point['retention']:.4f})" for point in points)
+    shown = [f"({point['sparsity']:.3f}, {point['retention']:.4f})" for point in points]
+    return ", ".join(dict.fromkeys(shown))
 
 
-def _search_retention(run, min_retention: float, metric: Metric, ceiling: float, search: list[dict]):
-    """Bisect the sparsity target for the sparsest recipe whose held-out retention is at least `min_retention`."""
-    low, high = 0.0, ceiling
+def _search_retention(run, min_retention: float, metric: Metric, floor: float, ceiling: float, search: list[dict]):
+    """Bisect the sparsity target for the sparsest recipe whose held-out retention is at least `min_retention`.
+
+    Targets range from `floor`, the lowest sparsity that --k-max allows, to `ceiling`, the highest that --k-min allows.
+    """
+    low, high = floor, ceiling
     best = None
     for _ in range(RETENTION_SEARCH_STEPS):
         target = 0.5 * (low + high)
@@ -438,13 +458,14 @@ def _search_retention(run, min_retention: float, metric: Metric, ceiling: float,
         else:
             high = target
     if best is None:
-        target = 0.0
+        target = floor
         fit, drifted, measured, rounds, heldout = run(target)
         search.append(_search_point(target, heldout, metric))
         if heldout.retention(metric) < min_retention:
+            fix = "lower it or raise --k-max" if floor > 0 else "lower it"
             raise InvalidInputError(
-                f"--min-retention {min_retention} is unreachable even at sparsity 0 (held-out {metric} retention "
-                f"{heldout.retention(metric):.4f}); lower it."
+                f"--min-retention {min_retention} is unreachable: at the lowest sparsity measured, "
+                f"{heldout.sparsity:.4f}, held-out {metric} retention is {heldout.retention(metric):.4f}; {fix}."
             )
         best = (target, fit, drifted, measured, rounds, heldout)
     target, fit, drifted, measured, rounds, heldout = best
@@ -453,9 +474,10 @@ def _search_retention(run, min_retention: float, metric: Metric, ceiling: float,
     return target, fit, drifted, measured, rounds, heldout
 
 
-def _best_under_retention(run, min_retention, metric, ceiling, search) -> str:
+def _best_under_retention(run, min_retention, metric, floor, ceiling, search) -> str:
     try:
-        target, _, _, _, _, heldout = _search_retention(run, min_retention, metric, ceiling, search)
+        target, _, _, _, _, heldout = _search_retention(run, min_retention, metric, floor, ceiling, search)
     except InvalidInputError:
-        return "none (retention is below the budget even at sparsity 0)"
+        lowest = min(point["sparsity"] for point in search)
+        return f"none (retention is below the budget even at the lowest sparsity measured, {lowest:.4f})"
     return f"sparsity {heldout.sparsity:.4f} with {metric} retention {heldout.retention(metric):.4f}"

@@ -20,6 +20,7 @@ measure retention.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -31,6 +32,8 @@ from gemoe_cli.calibration.bad_samples import BadSamples, SampleError
 from gemoe_cli.errors import InvalidInputError
 
 BUILTIN = "builtin"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,13 @@ def build_calibration_data(
             "add data or lower --seq-len."
         )
     blocks = min(blocks, num_samples)
+    if blocks < num_samples:
+        logger.warning(
+            "dataset %s has tokens for %d blocks (%d tokens), fewer than the %d blocks (%d tokens) that "
+            "--num-samples %d --seq-len %d request, so calibration uses %d blocks; add data, or lower "
+            "--num-samples or --seq-len.",
+            dataset, blocks, blocks * seq_len, num_samples, num_samples * seq_len, num_samples, seq_len, blocks,
+        )  # fmt: skip
     tensor = torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
     permutation = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))
     tensor = tensor[permutation]

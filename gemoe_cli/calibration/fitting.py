@@ -213,6 +213,13 @@ def max_sparsity(statistics: CalibrationStatistics, k_min: int = 1) -> float:
     return 1.0 - active / total if total else 0.0
 
 
+def min_sparsity(statistics: CalibrationStatistics, k_max: int | None = None) -> float:
+    """Return the lowest reachable sparsity: every token at ``min(k_max, K)`` of its layer's K experts."""
+    total = sum(layer.tokens * layer.top_k for layer in statistics.layers.values())
+    active = sum(layer.tokens * _layer_k_max(layer, k_max) for layer in statistics.layers.values())
+    return 1.0 - active / total if total else 0.0
+
+
 def fit_layer_offsets(
     statistics: CalibrationStatistics,
     target: float,

@@ -18,7 +18,7 @@ import torch
 from gemoe_cli.calibration.bad_samples import BadSamples
 from gemoe_cli.calibration.calibrate import CalibrationResult, calibrate
 from gemoe_cli.calibration.data import BUILTIN, CalibrationData, build_calibration_data
-from gemoe_cli.calibration.images import BUILTIN_IMAGES, DEFAULT_PROMPT_TEMPLATE
+from gemoe_cli.calibration.images import BUILTIN_IMAGES, DEFAULT_PROMPT_TEMPLATE, is_image_text_dataset
 from gemoe_cli.calibration.multimodal import MultimodalCalibrationData
 from gemoe_cli.calibration.report import CalibrationSettings, build_recipe, build_report
 from gemoe_cli.errors import InvalidInputError
@@ -73,13 +73,18 @@ class CalibrationOutcome:
 
 
 def _progress_bar(data: CalibrationData | MultimodalCalibrationData):
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # The bar goes to stderr, and only on a terminal: elsewhere rich would leave an empty line behind.
+    console = Console(stderr=True)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.fields[samples_per_second]:.1f} samples/s, {task.fields[tokens_per_second]:.0f} tokens/s"),
         TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
         transient=True,
     )
 
@@ -103,7 +108,6 @@ def choose_dataset(config, dataset: str | None) -> DatasetChoice:
     otherwise. Image+text data is used only for a vision-language model.
     """
     from gemoe_cli.calibration.data import load_hub_dataset
-    from gemoe_cli.calibration.images import is_image_text_dataset
     from gemoe_cli.vlm import family_of
 
     vision_language = family_of(config) is not None
@@ -225,13 +229,21 @@ def run_calibration(
     top_k = min(layer.top_k for layer in description.layers)
     resolved_k_max = top_k if k_max is None else k_max
     if k_min < 1 or k_min > resolved_k_max:
-        raise InvalidInputError(f"--k-min {k_min} is outside [1, k_max={resolved_k_max}]; lower it.")
+        raise InvalidInputError(
+            f"--k-min {k_min} is outside [1, k_max={resolved_k_max}]; use a value from 1 to {resolved_k_max}."
+        )
     if resolved_k_max > top_k:
         raise InvalidInputError(f"--k-max {resolved_k_max} is greater than the model's K={top_k}; use at most {top_k}.")
 
     config = load_config(source, trust_remote_code=trust_remote_code)
     choice = choose_dataset(config, dataset)
     dataset, image_text = choice.dataset, choice.image_text
+    # A .jsonl file may mix text and image samples, so its image samples are reported one by one instead.
+    if not choice.vision_language and Path(dataset).suffix != ".jsonl" and is_image_text_dataset(dataset):
+        raise InvalidInputError(
+            f"--dataset {dataset} contains images, but model {source} is text-only; "
+            f"use a text dataset such as {BUILTIN}."
+        )
     if per_modality and not image_text:
         raise InvalidInputError(
             "--per-modality needs a vision-language model and image+text data; "

@@ -90,11 +90,31 @@ class LazyCommand(TyperCommand):
             single.command(self.name)(function)
             self._command = get_command(single)
             self._command.help = unwrap_paragraphs(self._command.help)
+            hide_flag_metavars(self._command)
         return self._command
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         # The group invokes `sub_ctx.command`, so the real command runs and prints its own help.
         return self.load().make_context(info_name, args, parent=parent, **extra)
+
+
+def hide_flag_metavars(command: TyperCommand) -> None:
+    """Show no value placeholder for boolean flags in help, since they take no value.
+
+    typer 0.29 shows the type of every option, so flags such as --help read ``<bool>`` as if they took one.
+    """
+    for param in command.params:
+        if getattr(param, "is_flag", False) and not getattr(param, "count", False):
+            param.metavar = ""
+    make_help_option = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        option = make_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option  # type: ignore[method-assign]
 
 
 def unwrap_paragraphs(text: str | None) -> str | None:
@@ -241,4 +261,6 @@ app = create_app()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the `gemoe` command line with `argv` (default: `sys.argv[1:]`) and exit with its exit code."""
-    get_command(app).main(args=argv, prog_name=PROGRAM_NAME)
+    command = get_command(app)
+    hide_flag_metavars(command)
+    command.main(args=argv, prog_name=PROGRAM_NAME)

@@ -10,23 +10,16 @@ import typer
 from gemoe_cli.bench.settings import DEFAULTS, METRICS, BenchSettings
 from gemoe_cli.calibration.images import DEFAULT_PROMPT_TEMPLATE
 from gemoe_cli.cli.calibrate import DEFAULT_HELDOUT_FRACTION, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
+from gemoe_cli.cli.options import DTYPES, check_distinct_outputs, check_dtype, check_output_file
 from gemoe_cli.errors import GateFailedError, InvalidInputError
 
 PLOT_SWEEP_POINTS = 7
 """Default points per policy on the sweep that `--plot` draws; odd, so gemoe's unshifted recipe is one of them."""
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _check_output(path: Path | None, option: str, suffixes: tuple[str, ...]) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise InvalidInputError(f"{option} {path} is a directory; give a file path.")
-    folder = path.expanduser().resolve().parent
-    if not folder.is_dir():
-        raise InvalidInputError(f"{option} {path}: folder {folder} does not exist; create it first.")
-    if path.suffix.lower() not in suffixes:
-        raise InvalidInputError(f"{option} {path} has suffix {path.suffix!r}; use {' or '.join(suffixes)}.")
+    if path is not None:
+        check_output_file(path, option, suffixes)
 
 
 def _check_gate(option: str, value: float | None) -> None:
@@ -162,8 +155,7 @@ def bench_command(
         sweep_points=sweep_points if plot is not None else 0,
         seed=seed,
     )
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"--dtype {dtype} is unknown; use {', '.join(DTYPES)}.")
+    check_dtype(dtype)
     if max_images is not None and max_images < 1:
         raise InvalidInputError(f"--max-images {max_images} is invalid; use 1 or more.")
     if not 0.0 < heldout_fraction < 1.0:
@@ -172,6 +164,7 @@ def bench_command(
     _check_gate("--fail-under-speedup", fail_under_speedup)
     _check_output(json_path, "--json", (".json",))
     _check_output(plot, "--plot", (".png",))
+    check_distinct_outputs(("--json", json_path), ("--plot", plot))
 
     from rich.console import Console
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gemoe_cli.calibration.images import DEFAULT_PROMPT_TEMPLATE
+from gemoe_cli.cli.options import DTYPES, check_distinct_outputs, check_dtype, check_output_file
 from gemoe_cli.errors import InvalidInputError
 
 DEFAULT_NUM_SAMPLES = 256
@@ -18,40 +20,56 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_HELDOUT_FRACTION = 0.2
 
 
-def _check_budget(name: str, value: float | None) -> None:
+def _check_budget(name: str, value: float | None, example: str) -> None:
     if value is not None and not 0.0 < value < 1.0:  # also rejects NaN
-        raise InvalidInputError(f"{name} {value} is outside (0, 1); pass a fraction such as 0.35.")
+        raise InvalidInputError(f"{name} {value} is outside (0, 1); pass a fraction such as {example}.")
 
 
-def _check_output(path: Path, option: str) -> None:
-    folder = path.expanduser().resolve().parent
-    if path.is_dir():
-        raise InvalidInputError(f"{option} {path} is a directory; give a file path.")
-    if not folder.is_dir():
-        raise InvalidInputError(f"{option} {path}: folder {folder} does not exist; create it first.")
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-PRESET_KEYS = (
-    "target_sparsity",
-    "min_retention",
-    "metric",
-    "dataset",
-    "num_samples",
-    "seq_len",
-    "batch_size",
-    "seed",
-    "heldout_fraction",
-    "k_min",
-    "k_max",
-    "renormalize",
-    "policy",
-    "per_modality",
-)
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_fraction(value: object) -> bool:
+    return _is_number(value) and 0.0 < value < 1.0
+
+
+# Each preset setting maps to a check of its value and to the expected value that an error message names.
+PRESET_SETTINGS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "target_sparsity": (_is_fraction, "a number between 0 and 1, such as 0.35"),
+    "min_retention": (_is_fraction, "a number between 0 and 1, such as 0.99"),
+    "metric": (lambda value: value in ("nll", "agreement", "kl", "exact_match"), "nll, agreement, kl or exact_match"),
+    "dataset": (lambda value: isinstance(value, str) and value != "", "a dataset name or path, such as builtin"),
+    "num_samples": (lambda value: _is_integer(value) and value >= 2, "an integer of 2 or more, such as 256"),
+    "seq_len": (lambda value: _is_integer(value) and value >= 2, "an integer of 2 or more, such as 256"),
+    "batch_size": (lambda value: _is_integer(value) and value >= 1, "an integer of 1 or more, such as 8"),
+    "seed": (_is_integer, "an integer, such as 0"),
+    "heldout_fraction": (_is_fraction, "a number between 0 and 1, such as 0.2"),
+    "k_min": (lambda value: _is_integer(value) and value >= 1, "an integer of 1 or more, such as 1"),
+    "k_max": (lambda value: value is None or (_is_integer(value) and value >= 1), "an integer of 1 or more, or null"),
+    "renormalize": (lambda value: value in ("preserve_mass", "none"), "preserve_mass or none"),
+    "policy": (lambda value: value in ("allocated", "uniform"), "allocated or uniform"),
+    "per_modality": (lambda value: isinstance(value, bool), "true or false"),
+}
+PRESET_KEYS = tuple(PRESET_SETTINGS)
+
+
+def _check_preset_values(path: Path, settings: dict) -> None:
+    """Raise `InvalidInputError` for the first preset setting whose type or range is invalid."""
+    for key, value in settings.items():
+        is_valid, expected = PRESET_SETTINGS[key]
+        if not is_valid(value):
+            value_text = "null" if value is None else f"{value!r} ({type(value).__name__})"
+            raise InvalidInputError(f"--recipe {path}: calibrate.{key} is {value_text}; set it to {expected}.")
 
 
 def _preset_options(path: Path, context: typer.Context) -> dict:
     """Read the `calibrate:` settings of a preset in recipes/, keeping only options not given on the command line."""
     import yaml
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
@@ -62,6 +80,7 @@ def _preset_options(path: Path, context: typer.Context) -> dict:
     unknown = sorted(set(settings) - set(PRESET_KEYS))
     if unknown:
         raise InvalidInputError(f"--recipe {path} has unknown setting {unknown[0]!r}; use {', '.join(PRESET_KEYS)}.")
+    _check_preset_values(path, settings)
     return {
         key: value
         for key, value in settings.items()
@@ -143,7 +162,7 @@ def calibrate_command(
         str, typer.Option("--policy", help="allocated (cost-aware layer allocation) or uniform (same quantiles).")
     ] = "allocated",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=f"Weights dtype: {', '.join(DTYPES)}.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code.")] = False,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
@@ -176,8 +195,8 @@ def calibrate_command(
         renormalize = settings.get("renormalize", renormalize)
         policy = settings.get("policy", policy)
         per_modality = settings.get("per_modality", per_modality)
-    _check_budget("--target-sparsity", target_sparsity)
-    _check_budget("--min-retention", min_retention)
+    _check_budget("--target-sparsity", target_sparsity, "0.35")
+    _check_budget("--min-retention", min_retention, "0.99")
     if target_sparsity is None and min_retention is None:
         raise InvalidInputError("no budget given; pass --target-sparsity, --min-retention or both.")
     if metric not in ("nll", "agreement", "kl", "exact_match"):
@@ -192,11 +211,13 @@ def calibrate_command(
         raise InvalidInputError(f"--heldout-fraction {heldout_fraction} is outside (0, 1); use e.g. 0.2.")
     if batch_size < 1:
         raise InvalidInputError(f"--batch-size {batch_size} is invalid; use 1 or more.")
+    check_dtype(dtype)
     if output.suffix not in (".yaml", ".yml", ".json"):
         raise InvalidInputError(f"-o {output} has suffix {output.suffix!r}; use .yaml, .yml or .json.")
-    _check_output(output, "-o")
+    check_distinct_outputs(("-o", output), ("--report", report))
+    check_output_file(output, "-o")
     if report is not None:
-        _check_output(report, "--report")
+        check_output_file(report, "--report")
 
     from gemoe_cli.calibration.pipeline import run_calibration
 

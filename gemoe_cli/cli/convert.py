@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gemoe_cli.errors import InvalidInputError
+from gemoe_cli.cli.options import DTYPES, check_dtype
 
 
 def convert_command(
@@ -15,7 +15,7 @@ def convert_command(
     recipe: Annotated[Path, typer.Option("--recipe", help="Recipe file from `gemoe calibrate` (.yaml or .json).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write; must not exist.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=f"Weights dtype: {', '.join(DTYPES)}.")] = "auto",
     device_map: Annotated[
         str | None, typer.Option("--device-map", help="Passed to from_pretrained, e.g. auto or cpu.")
     ] = None,
@@ -32,13 +32,12 @@ def convert_command(
     The directory appears only when complete. It loads with `gemoe_cli.convert.load_adaptive_model`, or with
     transformers alone through `trust_remote_code=True`.
     """
+    from gemoe_cli.atomic import check_output_directory
     from gemoe_cli.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    if output.exists() and not force:
-        raise InvalidInputError(f"output directory {output} already exists; choose another path or pass --force.")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise InvalidInputError(f"--dtype {dtype} is unknown; use auto, float32, bfloat16 or float16.")
+    check_output_directory(output, force=force, inputs={"model folder": Path(model)})
+    check_dtype(dtype)
 
     from rich.console import Console
 

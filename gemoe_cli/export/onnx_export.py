@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from gemoe_cli import __version__
-from gemoe_cli.atomic import atomic_directory
+from gemoe_cli.atomic import atomic_directory, check_output_directory
 from gemoe_cli.errors import GemoeError, InvalidInputError, RuntimeFailureError
 from gemoe_cli.export import decoder, ops
 from gemoe_cli.export.patching import BODIES, Body, RoutingSpec, check_exportable, export_routing
@@ -271,6 +271,10 @@ def export_onnx(
     if not (atol > 0 and math.isfinite(atol)):
         raise InvalidInputError(f"--atol {atol} is invalid; use a positive number such as 1e-4.")
     output = Path(output)
+    inputs = {"model folder": Path(source)}
+    if recipe is not None:
+        inputs["recipe file"] = Path(recipe)
+    check_output_directory(output, force=force, inputs=inputs)
     routing, loaded_recipe = _resolve_routing(source, recipe)
     report = report or logger.info
 
@@ -369,6 +373,11 @@ def _export_into(
 def _save_tokenizer(source: str, directory: Path, trust_remote_code: bool) -> bool:
     from transformers import AutoTokenizer
 
+    from gemoe_cli.models import has_tokenizer_files
+
+    if not has_tokenizer_files(source):
+        logger.warning("no tokenizer saved with the ONNX model: %s has no tokenizer files", source)
+        return False
     # An OSError from loading means the source has no tokenizer. From saving it means the output is broken
     # (a full disk), so it is not caught there and the export stops.
     try:

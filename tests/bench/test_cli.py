@@ -261,7 +261,16 @@ def test_missing_model_dir_exits_2(tiny_recipe, tmp_path):
 def test_model_dir_without_recipe_exits_2(tiny_model_dir):
     result = invoke(str(tiny_model_dir), *FAST_ARGS)
     assert result.exit_code == 2, result.output
-    assert "is not a gemoe checkpoint" in result.output
+    assert "is not converted (its config.json has no gemoe section)" in result.output
+    assert "pass --recipe FILE from gemoe calibrate, or convert the model first" in result.output
+
+
+def test_json_folder_not_writable_exits_2_before_work(tiny_model_dir, tiny_recipe):
+    result = invoke(str(tiny_model_dir), "--recipe", str(tiny_recipe), "--json", "/proc/x.json", *FAST_ARGS)
+
+    assert result.exit_code == 2, result.output
+    assert "--json /proc/x.json: folder /proc is not writable" in result.output
+    assert "static_native" not in result.output
 
 
 @pytest.mark.parametrize(

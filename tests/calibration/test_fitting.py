@@ -7,6 +7,7 @@ from gemoe_cli.calibration.fitting import (
     fit_allocated,
     fit_uniform_quantile,
     max_sparsity,
+    min_sparsity,
     thresholds_from_bin_k,
 )
 from gemoe_cli.calibration.statistics import CalibrationStatistics, LayerStatistics
@@ -107,6 +108,27 @@ def test_k_min_bounds_max_sparsity():
 
     assert max_sparsity(statistics, k_min=1) == pytest.approx(0.75)
     assert max_sparsity(statistics, k_min=2) == pytest.approx(0.5)
+
+
+def test_k_max_bounds_min_sparsity():
+    statistics = _statistics()
+
+    assert min_sparsity(statistics) == pytest.approx(0.0)
+    assert min_sparsity(statistics, k_max=4) == pytest.approx(0.0)
+    assert min_sparsity(statistics, k_max=3) == pytest.approx(0.25)
+    assert min_sparsity(statistics, k_max=1) == pytest.approx(0.75)
+
+
+def test_frontier_lists_each_point_once():
+    from gemoe_cli.calibration.calibrate import _frontier
+
+    search = [
+        {"target_sparsity": 0.3, "sparsity": 0.30001, "retention": 0.99},
+        {"target_sparsity": 0.0, "sparsity": 0.022, "retention": 0.999},
+        {"target_sparsity": 0.0, "sparsity": 0.022, "retention": 0.999},
+    ]
+
+    assert _frontier(search) == "(0.022, 0.9990), (0.300, 0.9900)"
 
 
 def test_target_outside_range_rejected():

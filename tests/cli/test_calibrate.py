@@ -57,7 +57,8 @@ def test_budget_outside_unit_interval(model_dir, tmp_path, option, budget):
     result = _calibrate(model_dir, option, budget, "-o", str(tmp_path / "r.yaml"))
 
     assert result.exit_code == 2
-    assert f"error: {option} {float(budget)} is outside (0, 1); pass a fraction such as 0.35." in result.stderr
+    example = "0.35" if option == "--target-sparsity" else "0.99"
+    assert f"error: {option} {float(budget)} is outside (0, 1); pass a fraction such as {example}." in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -92,6 +93,145 @@ def test_unreachable_budget_pair_names_frontier(model_dir, tmp_path):
     assert "< --min-retention 0.9999999; the best reachable pair is sparsity " in error_lines[0]
     assert "measured frontier (sparsity, retention): (" in error_lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_target_below_k_max_floor(model_dir, tmp_path):
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "--k-max", "2", "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert (
+        "error: --target-sparsity 0.3 is unreachable: with --k-max 2 the lowest sparsity is 0.5000; raise --k-max "
+        "or the target." in result.stderr
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_retention_search_starts_at_k_max_floor(model_dir, tmp_path):
+    recipe_file, report_file = tmp_path / "r.yaml", tmp_path / "report.json"
+
+    result = _calibrate(
+        model_dir, "--policy", "uniform", "--min-retention", "0.5", "--k-max", "2",
+        "-o", str(recipe_file), "--report", str(report_file),
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    searched = [point["target_sparsity"] for point in json.loads(report_file.read_text())["retention_search"]]
+    assert min(searched) >= 0.5
+
+
+def test_unreachable_retention_names_lowest_measured_sparsity(model_dir, tmp_path):
+    result = _calibrate(
+        model_dir, "--policy", "uniform", "--min-retention", "0.9999999", "--k-max", "2",
+        "-o", str(tmp_path / "r.yaml"),
+    )  # fmt: skip
+
+    assert result.exit_code == 2
+    assert "error: --min-retention 0.9999999 is unreachable: at the lowest sparsity measured, 0.5000" in result.stderr
+    assert "; lower it or raise --k-max." in result.stderr
+    assert "sparsity 0 " not in result.stderr
+
+
+def test_unreachable_error_has_no_blank_line(model_dir, tmp_path):
+    result = _calibrate(model_dir, "--target-sparsity", "0.6", "--k-min", "3", "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "\n\nerror:" not in result.stderr
+    assert "error: --target-sparsity 0.6 is unreachable" in result.stderr
+
+
+def test_k_min_zero_names_valid_range(model_dir, tmp_path):
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "--k-min", "0", "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert "error: --k-min 0 is outside [1, k_max=4]; use a value from 1 to 4." in result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["int8", "foo", "float64"])
+def test_invalid_dtype(model_dir, tmp_path, dtype):
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "--dtype", dtype, "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert f"error: --dtype {dtype} is unknown; use auto, float32, bfloat16 or float16." in result.stderr
+
+
+@pytest.mark.parametrize("report_name", ["t.json", "./t.json"])
+def test_recipe_and_report_same_path(model_dir, tmp_path, monkeypatch, report_name):
+    monkeypatch.chdir(tmp_path)
+
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "-o", "t.json", "--report", report_name)
+
+    assert result.exit_code == 2
+    assert "error: -o and --report are both" in result.stderr
+    assert "give --report another path." in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["-o", "--report"])
+def test_unwritable_output_folder_fails_before_model_loads(model_dir, tmp_path, monkeypatch, option):
+    import gemoe_cli.calibration.pipeline as pipeline
+
+    def fail_if_called(*args, **kwargs):
+        raise AssertionError("calibration ran although an output folder is not writable")
+
+    monkeypatch.setattr(pipeline, "run_calibration", fail_if_called)
+    paths = {"-o": str(tmp_path / "r.yaml"), "--report": str(tmp_path / "report.json")}
+    paths[option] = "/proc/x.json" if option == "--report" else "/proc/x.yaml"
+
+    result = _calibrate(model_dir, "--target-sparsity", "0.3", "-o", paths["-o"], "--report", paths["--report"])
+
+    assert result.exit_code == 2
+    assert f"error: {option} {paths[option]}: folder /proc is not writable" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_dataset_on_text_only_model(model_dir, tmp_path):
+    result = _calibrate(
+        model_dir, "--target-sparsity", "0.3", "--dataset", "builtin-images", "-o", str(tmp_path / "r.yaml")
+    )
+
+    assert result.exit_code == 2
+    assert f"error: --dataset builtin-images contains images, but model {model_dir} is text-only" in result.stderr
+    assert "use a text dataset such as builtin." in result.stderr
+
+
+def test_short_dataset_warns_about_fewer_blocks(model_dir, tmp_path, caplog):
+    dataset = tmp_path / "small.txt"
+    dataset.write_text("".join(f"sample {index} is a short line of calibration text.\n" for index in range(20)))
+
+    with caplog.at_level("WARNING", logger="gemoe_cli.calibration.data"):
+        result = runner.invoke(
+            app,
+            [
+                "calibrate", model_dir, "--dataset", str(dataset), "--num-samples", "256", "--seq-len", "32",
+                "--device", "cpu", "--target-sparsity", "0.3", "-o", str(tmp_path / "r.yaml"),
+            ],
+        )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "fewer than the 256 blocks (8192 tokens) that --num-samples 256 --seq-len 32 request" in warnings[0]
+    assert "add data, or lower --num-samples or --seq-len." in warnings[0]
+
+
+def test_top_1_model_is_named(tmp_path):
+    top_1_dir = tiny_models.save_with_tokenizer(tiny_models.build("olmoe", top_k=1), tmp_path / "top1")
+
+    result = _calibrate(top_1_dir, "--target-sparsity", "0.3", "-o", str(tmp_path / "r.yaml"))
+
+    assert result.exit_code == 2
+    assert f"error: model type 'olmoe' ({top_1_dir}) routes each token to its top-1 expert" in result.stderr
+    assert "adaptive routing needs a model with top-k of 2 or more" in result.stderr
+
+
+def test_flags_show_no_bool_metavar():
+    result = runner.invoke(app, ["calibrate", "--help"])
+
+    assert result.exit_code == 0
+    assert "--per-modality" in result.output
+    assert "<bool>" not in result.output
+    assert "<float>" in result.output
 
 
 def test_empty_dataset(model_dir, tmp_path):
@@ -309,16 +449,42 @@ def test_preset_with_unknown_setting(model_dir, tmp_path):
     assert "unknown setting 'target_sparsty'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("setting", "shown"),
+    [
+        ("target_sparsity: '0.3'", "calibrate.target_sparsity is '0.3' (str); set it to a number between 0 and 1"),
+        ("target_sparsity: 1.5", "calibrate.target_sparsity is 1.5 (float); set it to a number between 0 and 1"),
+        ("num_samples: '16'", "calibrate.num_samples is '16' (str); set it to an integer of 2 or more"),
+        ("num_samples: 16.5", "calibrate.num_samples is 16.5 (float); set it to an integer of 2 or more"),
+        ("dataset: 5", "calibrate.dataset is 5 (int); set it to a dataset name or path"),
+        ("k_min: true", "calibrate.k_min is True (bool); set it to an integer of 1 or more"),
+        ("seed: null", "calibrate.seed is null; set it to an integer, such as 0."),
+        ("per_modality: 1", "calibrate.per_modality is 1 (int); set it to true or false."),
+        ("policy: greedy", "calibrate.policy is 'greedy' (str); set it to allocated or uniform."),
+    ],
+)
+def test_preset_with_invalid_value(model_dir, tmp_path, setting, shown):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"calibrate:\n  min_retention: 0.99\n  {setting}\n")
+
+    result = runner.invoke(app, ["calibrate", model_dir, "--recipe", str(preset), "-o", str(tmp_path / "r.yaml")])
+
+    assert result.exit_code == 2
+    assert f"error: --recipe {preset}: {shown}" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["preset.yaml"]
+
+
 def test_shipped_presets_are_valid():
     from pathlib import Path
 
-    from gemoe_cli.cli.calibrate import PRESET_KEYS
+    from gemoe_cli.cli.calibrate import PRESET_KEYS, _check_preset_values
 
     presets = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
     assert len(presets) >= 5
     for path in presets:
         data = yaml.safe_load(path.read_text())
         assert set(data["calibrate"]) <= set(PRESET_KEYS), path.name
+        _check_preset_values(path, data["calibrate"])
         assert 0 < data["calibrate"]["target_sparsity"] < 1, path.name
 
 

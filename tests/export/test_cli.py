@@ -226,3 +226,57 @@ def test_full_disk_keeps_previous_export(olmoe, tmp_path, monkeypatch, name, occ
     )
     assert snapshot(output) == before
     assert leftovers(folder, {"onnx"}) == []
+
+
+def test_output_over_converted_source_rejected(olmoe, tmp_path):
+    converted = olmoe["converted"]
+    before = snapshot(converted)
+
+    for output in (converted, f"{converted}/.."):
+        result = runner.invoke(app, ["export", "onnx", converted, "-o", output, "--force"])
+
+        assert result.exit_code == 2, result.output
+        assert f"output directory {output} " in result.stderr
+        assert f"the model folder {converted}" in result.stderr
+    assert snapshot(converted) == before
+
+
+def test_output_containing_recipe_rejected(olmoe, tmp_path):
+    output = tmp_path / "onnx"
+    output.mkdir()
+    recipe = output / "recipe.yaml"
+    recipe.write_bytes(olmoe["recipe"].read_bytes())
+
+    result = runner.invoke(
+        app, ["export", "onnx", olmoe["source"], "--recipe", str(recipe), "-o", str(output), "--force"]
+    )
+
+    assert result.exit_code == 2, result.output
+    assert f"output directory {output} contains the recipe file {recipe}" in result.stderr
+    assert "choose an output directory that does not contain it." in result.stderr
+    assert [path.name for path in output.iterdir()] == ["recipe.yaml"]
+
+
+def test_source_without_tokenizer_warns(olmoe, tmp_path):
+    tiny_models.build("olmoe").save_pretrained(tmp_path / "source")
+    output = tmp_path / "onnx"
+
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "onnx",
+            str(tmp_path / "source"),
+            "--recipe",
+            str(olmoe["recipe"]),
+            "-o",
+            str(output),
+            "--no-validate",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "no tokenizer saved with the ONNX model" in result.stderr
+    written = {path.name for path in output.iterdir()}
+    assert not written & {"tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"}
+    assert json.loads((output / "gemoe_onnx.json").read_text())["tokenizer"] is False

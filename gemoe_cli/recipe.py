@@ -51,8 +51,10 @@ def _parse_infinity_string(value: Any) -> Any:
 
 
 def encode_threshold(value: float) -> float | str:
-    """Return a threshold as standard JSON holds it: infinities as the strings "inf" and "-inf"."""
-    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    """Return a threshold in a form standard JSON can encode: infinities become the strings "inf" and "-inf"."""
+    if math.isfinite(value):
+        return value
+    return "inf" if value > 0 else "-inf"
 
 
 Threshold = Annotated[float, BeforeValidator(_parse_infinity_string), Field(strict=True)]

@@ -10,7 +10,15 @@ import typer
 from gemoe_cli.bench.settings import DEFAULTS, METRICS, BenchSettings
 from gemoe_cli.calibration.images import DEFAULT_PROMPT_TEMPLATE
 from gemoe_cli.cli.calibrate import DEFAULT_HELDOUT_FRACTION, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
-from gemoe_cli.cli.options import DTYPES, check_distinct_outputs, check_dtype, check_output_file
+from gemoe_cli.cli.options import (
+    AllowPickleOption,
+    DtypeOption,
+    IgnoreFingerprintOption,
+    TrustRemoteCodeOption,
+    check_distinct_outputs,
+    check_dtype,
+    check_output_file,
+)
 from gemoe_cli.errors import GateFailedError, InvalidInputError
 
 PLOT_SWEEP_POINTS = 7
@@ -122,18 +130,14 @@ def bench_command(
         typer.Option("--fail-under-speedup", help="Exit 1 if gemoe's decode tokens/s over static is below this."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help=f"Weights dtype: {', '.join(DTYPES)}.")] = "auto",
+    dtype: DtypeOption = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the data split and torch.")] = DEFAULTS.seed,
     threads: Annotated[
         int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's own choice).")
     ] = None,
-    ignore_fingerprint: Annotated[
-        bool, typer.Option("--ignore-fingerprint", help="Use a recipe fitted on other router weights.")
-    ] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code.")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
-    ] = False,
+    ignore_fingerprint: IgnoreFingerprintOption = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Measure static, gemoe and baseline routing on the same inputs: speed, memory, sparsity, retention.
 

@@ -11,7 +11,14 @@ from typing import Annotated
 import typer
 
 from gemoe_cli.calibration.images import DEFAULT_PROMPT_TEMPLATE
-from gemoe_cli.cli.options import DTYPES, check_distinct_outputs, check_dtype, check_output_file
+from gemoe_cli.cli.options import (
+    AllowPickleOption,
+    DtypeOption,
+    TrustRemoteCodeOption,
+    check_distinct_outputs,
+    check_dtype,
+    check_output_file,
+)
 from gemoe_cli.errors import InvalidInputError
 
 DEFAULT_NUM_SAMPLES = 256
@@ -162,11 +169,9 @@ def calibrate_command(
         str, typer.Option("--policy", help="allocated (cost-aware layer allocation) or uniform (same quantiles).")
     ] = "allocated",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help=f"Weights dtype: {', '.join(DTYPES)}.")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code.")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
-    ] = False,
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
     preset: Annotated[
         Path | None,
         typer.Option("--recipe", help="Calibration settings from recipes/; options given here override them."),

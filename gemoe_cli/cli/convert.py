@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from gemoe_cli.cli.options import DTYPES, check_dtype
+from gemoe_cli.cli.options import (
+    AllowPickleOption,
+    DtypeOption,
+    IgnoreFingerprintOption,
+    TrustRemoteCodeOption,
+    check_dtype,
+)
 
 
 def convert_command(
@@ -15,17 +21,13 @@ def convert_command(
     recipe: Annotated[Path, typer.Option("--recipe", help="Recipe file from `gemoe calibrate` (.yaml or .json).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write; must not exist.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
-    dtype: Annotated[str, typer.Option("--dtype", help=f"Weights dtype: {', '.join(DTYPES)}.")] = "auto",
+    dtype: DtypeOption = "auto",
     device_map: Annotated[
         str | None, typer.Option("--device-map", help="Passed to from_pretrained, e.g. auto or cpu.")
     ] = None,
-    ignore_fingerprint: Annotated[
-        bool, typer.Option("--ignore-fingerprint", help="Use a recipe fitted on other router weights.")
-    ] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code.")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
-    ] = False,
+    ignore_fingerprint: IgnoreFingerprintOption = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Rewrite the routers with a recipe and save a Hugging Face checkpoint directory.
 

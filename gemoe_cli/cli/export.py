@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from gemoe_cli.cli.options import AllowPickleOption, TrustRemoteCodeOption
 from gemoe_cli.export.validate import DEFAULT_ATOL
 
 
@@ -61,10 +62,8 @@ def export_command(
     keep_failed: Annotated[
         bool, typer.Option("--keep-failed", help="Keep a failed export's files in DIR.failed for inspection.")
     ] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code.")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
-    ] = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Export an adaptive MoE model to ONNX, with each router as an ai.gemoe::EntropyAdaptiveRouter node.
 

@@ -1,15 +1,27 @@
-"""Checks of option values that several commands share: weight dtypes and output files."""
+"""Options that several commands share, and checks of their values: weight dtypes and output files."""
 
 from __future__ import annotations
 
 import os
 import secrets
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from gemoe_cli.errors import InvalidInputError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """Values of `--dtype`; `auto` keeps the dtype stored in the model's config."""
+
+DtypeOption = Annotated[str, typer.Option("--dtype", help=f"Weights dtype: {', '.join(DTYPES)}.")]
+IgnoreFingerprintOption = Annotated[
+    bool, typer.Option("--ignore-fingerprint", help="Use a recipe fitted on other router weights.")
+]
+TrustRemoteCodeOption = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code.")]
+AllowPickleOption = Annotated[
+    bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
+]
 
 
 def check_dtype(dtype: str) -> None:

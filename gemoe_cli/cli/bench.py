@@ -12,8 +12,11 @@ from gemoe_cli.calibration.images import DEFAULT_PROMPT_TEMPLATE
 from gemoe_cli.cli.calibrate import DEFAULT_HELDOUT_FRACTION, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 from gemoe_cli.cli.options import (
     AllowPickleOption,
+    DatasetOption,
     DtypeOption,
     IgnoreFingerprintOption,
+    MaxImagesOption,
+    PromptTemplateOption,
     TrustRemoteCodeOption,
     check_distinct_outputs,
     check_dtype,
@@ -75,24 +78,9 @@ def bench_command(
             help=f"Retention metric: {', '.join(METRICS)} (exact_match compares greedy answers; image+text data only).",
         ),
     ] = DEFAULTS.metric,
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset",
-            help="builtin (text), builtin-images, a .txt/.jsonl file, a folder of text files or images, or "
-            "hf:NAME[:CONFIG][:SPLIT]. Default: builtin-images for vision-language models, builtin otherwise.",
-        ),
-    ] = None,
-    prompt_template: Annotated[
-        str,
-        typer.Option(
-            "--prompt-template",
-            help="Question asked about each image of an image folder; {name} is replaced by the file name.",
-        ),
-    ] = DEFAULT_PROMPT_TEMPLATE,
-    max_images: Annotated[
-        int | None, typer.Option("--max-images", help="Most images one image+text sample may have (default: no limit).")
-    ] = None,
+    dataset: DatasetOption = None,
+    prompt_template: PromptTemplateOption = DEFAULT_PROMPT_TEMPLATE,
+    max_images: MaxImagesOption = None,
     skip_bad_samples: Annotated[
         bool,
         typer.Option(

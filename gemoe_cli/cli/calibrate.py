@@ -13,7 +13,10 @@ import typer
 from gemoe_cli.calibration.images import DEFAULT_PROMPT_TEMPLATE
 from gemoe_cli.cli.options import (
     AllowPickleOption,
+    DatasetOption,
     DtypeOption,
+    MaxImagesOption,
+    PromptTemplateOption,
     TrustRemoteCodeOption,
     check_distinct_outputs,
     check_dtype,
@@ -114,24 +117,9 @@ def calibrate_command(
             "--metric", help="Retention metric: nll, agreement or kl; exact_match (greedy answers) for image+text data."
         ),
     ] = "nll",
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset",
-            help="builtin (text), builtin-images, a .txt/.jsonl file, a folder of text files or images, or "
-            "hf:NAME[:CONFIG][:SPLIT]. Default: builtin-images for vision-language models, builtin otherwise.",
-        ),
-    ] = None,
-    prompt_template: Annotated[
-        str,
-        typer.Option(
-            "--prompt-template",
-            help="Question asked about each image of an image folder; {name} is replaced by the file name.",
-        ),
-    ] = DEFAULT_PROMPT_TEMPLATE,
-    max_images: Annotated[
-        int | None, typer.Option("--max-images", help="Most images one image+text sample may have (default: no limit).")
-    ] = None,
+    dataset: DatasetOption = None,
+    prompt_template: PromptTemplateOption = DEFAULT_PROMPT_TEMPLATE,
+    max_images: MaxImagesOption = None,
     per_modality: Annotated[
         bool,
         typer.Option(

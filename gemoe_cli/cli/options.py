@@ -23,6 +23,27 @@ AllowPickleOption = Annotated[
     bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (runs code from the file).")
 ]
 
+# Data options of the commands that read calibration or evaluation data (calibrate, bench).
+DatasetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset",
+        help="builtin (text), builtin-images, a .txt/.jsonl file, a folder of text files or images, or "
+        "hf:NAME[:CONFIG][:SPLIT]. Default: builtin-images for vision-language models, builtin otherwise.",
+    ),
+]
+PromptTemplateOption = Annotated[
+    str,
+    typer.Option(
+        "--prompt-template",
+        help="Question asked about each image of an image folder; {name} is replaced by the file name.",
+    ),
+]
+MaxImagesOption = Annotated[
+    int | None,
+    typer.Option("--max-images", help="Maximum number of images in one image+text sample (default: no limit)."),
+]
+
 
 def check_dtype(dtype: str) -> None:
     """Raise `InvalidInputError` unless `dtype` is one of `DTYPES`."""
